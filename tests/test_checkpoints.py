@@ -1,0 +1,110 @@
+import shutil
+
+import pytest
+import torch
+
+from sr3_lightning import load_reference, save_reference
+from sr3_lightning.checkpoints import CheckpointError
+from sr3_lightning.diffusion import denoising_loss
+from tests.reference import REF, TINY, tiny_io
+
+
+def test_tiny_reference_loads_strictly_with_schedule_and_adam_state():
+    ck = load_reference(REF / "tiny_gen.pth", REF / "tiny_opt.pth")  # tiny_config.json sits beside it
+    assert ck.config == TINY
+    assert ck.schedule_spec == {"kind": "linear", "num_timesteps": 100, "start": 1e-6, "end": 1e-2}
+    assert (ck.step, ck.epoch) == (2, 1)
+    opt = torch.optim.Adam(ck.unet.parameters(), lr=1e-4)
+    opt.load_state_dict(ck.optimizer_state)
+    assert float(opt.state[next(ck.unet.parameters())]["step"]) == 2.0
+
+
+def test_two_training_steps_replay_the_reference_weights_and_moments():
+    """From tiny_init_gen.pth, the reference's 2 Adam steps on fixed draws give tiny_gen/tiny_opt.pth."""
+    io = tiny_io()
+    unet = load_reference(REF / "tiny_init_gen.pth", config=REF / "tiny_config.json").unet.train()
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    for s in (0, 1):
+        loss = denoising_loss(
+            unet,
+            io["train_hr"],
+            io["train_sr"],
+            io[f"train_step{s}_sqrt_gamma"].view(-1),
+            io[f"train_step{s}_noise"],
+            "l1",
+        ).mean()
+        torch.testing.assert_close(loss, io[f"train_step{s}_loss"], rtol=1e-5, atol=0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = load_reference(REF / "tiny_gen.pth", REF / "tiny_opt.pth")
+    for (name, ours), theirs in zip(unet.state_dict().items(), final.unet.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0, msg=name)
+    for index, state in final.optimizer_state["state"].items():
+        mine = opt.state_dict()["state"][index]
+        torch.testing.assert_close(mine["exp_avg"], state["exp_avg"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(mine["exp_avg_sq"], state["exp_avg_sq"], atol=1e-4, rtol=0)
+
+
+def test_round_trip_is_lossless(tmp_path):
+    ck = load_reference(REF / "tiny_gen.pth", REF / "tiny_opt.pth")
+    save_reference(
+        tmp_path / "rt_gen.pth",
+        ck.unet,
+        ck.schedule,
+        tmp_path / "rt_opt.pth",
+        ck.optimizer_state,
+        ck.step,
+        ck.epoch,
+    )
+    original = torch.load(REF / "tiny_gen.pth", weights_only=True)
+    again = torch.load(tmp_path / "rt_gen.pth", weights_only=True)
+    assert list(again) == list(original)
+    for key in original:
+        assert torch.equal(again[key], original[key]) and again[key].dtype == original[key].dtype, key
+    opt = torch.load(tmp_path / "rt_opt.pth", weights_only=True)
+    ref_opt = torch.load(REF / "tiny_opt.pth", weights_only=True)
+    assert (opt["iter"], opt["epoch"]) == (ref_opt["iter"], ref_opt["epoch"])
+    for index, state in ref_opt["optimizer"]["state"].items():
+        assert torch.equal(opt["optimizer"]["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def test_architecture_is_inferred_from_weights_when_no_config(tmp_path):
+    shutil.copy(REF / "tiny_gen.pth", tmp_path / "tiny_gen.pth")
+    with pytest.raises(
+        CheckpointError, match=r"norm_groups=32 does not divide.*\(--config\) or --norm-groups"
+    ):
+        load_reference(tmp_path / "tiny_gen.pth")
+    ck = load_reference(tmp_path / "tiny_gen.pth", norm_groups=4)
+    assert (ck.config.inner_channel, tuple(ck.config.channel_multiplier), ck.config.res_blocks) == (
+        8,
+        (1, 2, 2),
+        1,
+    )
+    io = tiny_io()
+    with torch.no_grad():
+        out = ck.unet.eval()(io["unet_in_x"], io["unet_in_noise_level"])
+    torch.testing.assert_close(out, io["unet_out"], atol=1e-5, rtol=0)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    data = (REF / "tiny_gen.pth").read_bytes()
+    (tmp_path / "cut_gen.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="could not be read.*truncated or not a PyTorch checkpoint"):
+        load_reference(tmp_path / "cut_gen.pth")
+
+
+def test_wrong_architecture_names_the_first_offending_key():
+    wider = TINY.__class__(**{**TINY.to_dict(), "inner_channel": 16})
+    with pytest.raises(
+        CheckpointError, match=r"noise_level_mlp\.1\.weight has shape \(32, 8\), the model expects \(64, 16\)"
+    ):
+        load_reference(REF / "tiny_gen.pth", config=wider)
+    deeper = TINY.__class__(**{**TINY.to_dict(), "res_blocks": 2})
+    with pytest.raises(CheckpointError, match=r"missing key denoise_fn\.downs\.2\.res_block"):
+        load_reference(REF / "tiny_gen.pth", config=deeper)
+
+
+def test_optimizer_file_given_as_generator_is_named():
+    with pytest.raises(CheckpointError, match="unexpected key epoch.*Is this an \\*_opt.pth"):
+        load_reference(REF / "tiny_opt.pth")
