@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-@dataclass
+@dataclass(frozen=True)
 class UNetConfig:
     """Shape knobs; defaults are the reference 16->128 face model (``config/sr_sr3_16_128.json``)."""
 

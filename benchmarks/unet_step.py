@@ -1,0 +1,85 @@
+"""UNet forward time and training steps/s on this machine, fp32 (run by hand; prints a table, writes JSON).
+
+    python benchmarks/unet_step.py --configs real tiny --batch 4 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from sr3_lightning.diffusion import denoising_loss, make_schedule, sample_noise_level
+from sr3_lightning.models.unet import UNet, UNetConfig
+
+CONFIGS = {
+    "real": (UNetConfig(), 2000),  # the reference 16->128 model, 97.8 M parameters
+    "tiny": (  # configs/demo.yaml
+        UNetConfig(inner_channel=16, norm_groups=8, channel_multiplier=(1, 2, 2), attn_res=(8,), res_blocks=1,
+                   dropout=0.0, image_size=32),
+        100,
+    ),
+}
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(name: str, batch: int, repeats: int) -> dict:
+    cfg, T = CONFIGS[name]
+    unet = UNet(cfg)
+    sched = make_schedule("linear", T)
+    size = cfg.image_size
+    x = torch.randn(batch, 6, size, size)
+    level = torch.rand(batch)
+    hr, cond = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
+
+    def forward() -> None:
+        with torch.no_grad():
+            unet.eval()(x, level)
+
+    def train_step() -> None:
+        unet.train()
+        _, g = sample_noise_level(sched, batch)
+        loss = denoising_loss(unet, hr, cond, g, torch.randn_like(hr)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    fwd, step = timed(forward, repeats), timed(train_step, repeats)
+    return {"config": name, "batch": batch, "params": sum(p.numel() for p in unet.parameters()),
+            "forward_s": fwd, "train_step_s": step, "steps_per_s": 1 / step}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--configs", nargs="+", default=["tiny", "real"], choices=list(CONFIGS))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = ap.parse_args()
+    rows = [bench(c, args.batch, args.repeats) for c in args.configs]
+    print(f"device: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'config':>6} {'batch':>5} {'params':>11} {'forward s':>10} {'train step s':>13} {'steps/s':>8}")
+    for r in rows:
+        print(f"{r['config']:>6} {r['batch']:>5} {r['params']:>11,} {r['forward_s']:>10.3f} "
+              f"{r['train_step_s']:>13.3f} {r['steps_per_s']:>8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

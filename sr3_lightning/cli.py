@@ -1,0 +1,84 @@
+"""``python -m sr3_lightning``: LightningCLI (fit/validate/test/predict) plus the project's own commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from sr3_lightning.data.datamodule import SR3DataModule
+from sr3_lightning.module import SR3Module
+from sr3_lightning.tracking import Tracking, make_loggers
+
+log = logging.getLogger(__name__)
+
+
+class SaveConfigToRun(SaveConfigCallback):
+    """Write ``config.yaml`` into the run directory and send the resolved config (and the training subset
+    of a limited-data run) to every logger, so each dashboard row says exactly how it was made."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.config.clone()
+        config.pop("config", None)
+        hparams = {"config": config.as_dict()}
+        keys = getattr(trainer.datamodule, "train_keys", None) if trainer.datamodule else None
+        if keys:
+            hparams["train_keys"] = list(keys)
+            Path(trainer.log_dir or trainer.default_root_dir, "train_keys.txt").write_text("\n".join(keys) + "\n")
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hparams)
+
+
+class SR3CLI(LightningCLI):
+    """LightningCLI with a ``tracking`` section; the model's image size is written once and linked."""
+
+    def __init__(self, args: ArgsType = None, **kwargs) -> None:
+        super().__init__(
+            SR3Module,
+            SR3DataModule,
+            save_config_callback=SaveConfigToRun,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(Tracking, "tracking")
+        parser.link_arguments("model.unet.image_size", "data.hr_size")
+        parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+
+    def instantiate_trainer(self, **kwargs):
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True):
+            tracking = self._get(self.config_init, "tracking")
+            if isinstance(tracking, Namespace):
+                tracking = Tracking(**tracking.as_dict())
+            kwargs["logger"] = make_loggers(tracking, trainer_cfg.get("default_root_dir") or "runs/default")
+        return super().instantiate_trainer(**kwargs)
+
+
+def _commands() -> dict[str, Callable[[list[str]], None]]:
+    from sr3_lightning.commands import demo, import_reference, sample
+
+    return {"import-reference": import_reference.main, "sample": sample.main, "demo": demo.main}
+
+
+def cli_main(args: ArgsType = None) -> SR3CLI | None:
+    """Entry point of ``python -m sr3_lightning`` and ``sr3-lightning``; ``args`` lets tests run it in-process."""
+    argv = list(sys.argv[1:] if args is None else args)
+    commands = _commands()
+    if argv and argv[0] in commands:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            commands[argv[0]](argv[1:])
+        except (ValueError, FileNotFoundError) as err:  # bad input: one paragraph, no traceback
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return None
+    if argv and argv[0] in ("-h", "--help"):
+        print("Project commands: " + ", ".join(commands) + " (each takes --help).\n")
+    return SR3CLI(args=argv)

@@ -1,0 +1,49 @@
+"""``import-reference``: turn a reference ``*_gen.pth`` (+ ``*_opt.pth``) into one of our checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from jsonargparse import ArgumentParser
+
+from sr3_lightning.checkpoints import CheckpointError, load_reference, write_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="sr3-lightning import-reference", description=__doc__)
+    p.add_argument("--gen", type=Path, required=True, help="reference generator file, e.g. I640000_E37_gen.pth")
+    p.add_argument("--opt", type=Path | None, default=None, help="reference optimizer file (*_opt.pth)")
+    p.add_argument("--config", type=Path | None, default=None, help="reference config JSON it was trained with")
+    p.add_argument("--norm-groups", type=int | None, default=None, help="GroupNorm groups if no config (32)")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint, e.g. ffhq_16_128.ckpt")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    ref = load_reference(args.gen, args.opt, config=args.config, norm_groups=args.norm_groups)
+    spec = ref.schedule_spec
+    if spec["kind"] == "stored":
+        raise CheckpointError(
+            f"{args.gen}: its schedule buffers match no named schedule; pass the reference config JSON "
+            "(--config) that names the schedule it was trained with."
+        )
+    hparams = {
+        "unet": ref.config.to_dict(),
+        "beta_schedule": spec["kind"],
+        "num_timesteps": spec["num_timesteps"],
+        "beta_start": spec["start"],
+        "beta_end": spec["end"],
+        "weight_init": "default",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(args.out, ref, hparams)
+    n_params = sum(p.numel() for p in ref.unet.parameters())
+    log.info(
+        "wrote %s: UNet %s (%d parameters), schedule %s, reference iteration %d%s",
+        args.out, ref.config.to_dict(), n_params, spec, ref.step,
+        ", with its Adam state" if ref.optimizer_state else "",
+    )

@@ -1,0 +1,75 @@
+"""``sample``: super-resolve low-resolution images that have no high-resolution partner."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from jsonargparse import ArgumentParser
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sr3_lightning.data.degradations import resize_and_crop, to_rgb
+from sr3_lightning.images import from_tensor, list_images, save_sheet, to_tensor
+from sr3_lightning.module import SR3Module
+
+log = logging.getLogger(__name__)
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="sr3-lightning sample", description=__doc__)
+    p.add_argument("--ckpt", type=Path, required=True, help="our checkpoint (.ckpt; see import-reference)")
+    p.add_argument("--input", type=Path, required=True, help="an LR image or a folder of them")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--steps", type=int | None, default=None, help="respaced steps K (default: all T)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--lr-size", type=int | None, default=None, help="first crop/resize inputs to this LR size")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def load_model(ckpt: Path, device: str) -> SR3Module:
+    """Our checkpoint, in eval mode, with a clear error for anything else."""
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist; train one with `fit` or convert a reference "
+                                "checkpoint with `import-reference`.")
+    try:
+        model = SR3Module.load_from_checkpoint(ckpt, map_location=device)
+    except (KeyError, RuntimeError, TypeError) as err:
+        raise ValueError(f"{ckpt} is not an sr3-lightning checkpoint ({type(err).__name__}: {err}). "
+                         "Convert reference *_gen.pth files with `import-reference` first.") from None
+    return model.eval()
+
+
+def prepare_input(img: Image.Image, hr_size: int, lr_size: int | None) -> tuple[Image.Image, Image.Image]:
+    """(LR, bicubic upsample to the model's size), made as the reference prepares its data."""
+    lr = to_rgb(img)
+    if lr_size is not None:
+        lr = resize_and_crop(lr, lr_size)
+    return lr, resize_and_crop(lr, hr_size)
+
+
+def main(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    files = list_images(args.input)
+    model = load_model(args.ckpt, args.device)
+    hr_size = model.unet.config.image_size
+    args.out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    rows, nfe = [], 0
+    for start in tqdm(range(0, len(files), args.batch_size), desc="super-resolving", unit="batch"):
+        batch = files[start : start + args.batch_size]
+        pairs = [prepare_input(Image.open(f), hr_size, args.lr_size) for f in batch]
+        lr_up = torch.stack([to_tensor(up) for _, up in pairs]).to(args.device)
+        result = model.super_resolve(lr_up, args.sampler, args.steps, args.eta, generator=gen, progress=True)
+        nfe = result.nfe
+        for path, (lr, up), sr in zip(batch, pairs, result.images):
+            sr_img = from_tensor(sr)
+            sr_img.save(args.out / f"{path.stem}_sr.png")
+            rows.append([lr.resize(up.size, Image.NEAREST), up, sr_img])
+    save_sheet(rows, ["LR", "bicubic", "SR"], args.out / "sheet.png")
+    log.info("wrote %d images and sheet.png to %s (%d network evaluations each)", len(files), args.out, nfe)

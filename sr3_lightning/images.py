@@ -1,0 +1,54 @@
+"""Image files <-> tensors in [-1, 1], and labelled sheets of images for people to look at."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from sr3_lightning.metrics import to_uint8
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def list_images(path: Path) -> list[Path]:
+    """One image file, or the image files of a folder in name order; an error when there are none."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"input {path} does not exist; pass an image file or a folder of images.")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"input folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+    return files
+
+
+def to_tensor(img: Image.Image) -> Tensor:
+    """RGB PIL image -> float ``[3, H, W]`` in [-1, 1] (the reference's ToTensor, then x * 2 - 1)."""
+    arr = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div(255.0) * 2 - 1
+
+
+def from_tensor(x: Tensor) -> Image.Image:
+    """``[3, H, W]`` in [-1, 1] -> PIL image, quantised exactly as the reference saves results."""
+    return Image.fromarray(to_uint8(x.detach().float().cpu()[None])[0].permute(1, 2, 0).numpy())
+
+
+def save_sheet(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], path: Path, pad: int = 2) -> Path:
+    """Paste rows of equally sized images into one PNG with a title above each column."""
+    w, h = rows[0][0].size
+    header = 12
+    sheet = Image.new("RGB", (len(titles) * (w + pad) + pad, header + len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(titles):
+        draw.text((pad + c * (w + pad), 0), title, fill="black")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            sheet.paste(img.resize((w, h), Image.NEAREST), (pad + c * (w + pad), header + pad + r * (h + pad)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path

@@ -1,0 +1,198 @@
+"""SR3Module: wires the UNet, the noise schedule, the loss and the optimizer; the math lives in diffusion/."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from sr3_lightning.checkpoints import load_init_weights
+from sr3_lightning.diffusion import (
+    SampleResult,
+    conditional_denoiser,
+    denoising_loss,
+    make_schedule,
+    respace,
+    sample_ddim,
+    sample_ddpm,
+    sample_from_image,
+    sample_noise_level,
+)
+from sr3_lightning.diffusion.losses import check_t_range
+from sr3_lightning.models.unet import UNet, UNetConfig, init_orthogonal
+
+log = logging.getLogger(__name__)
+
+Sampler = Literal["ddpm", "ddim"]
+# The regression baseline feeds the UNet's noisy-image channels and noise level these fixed values.
+REGRESSION_NOISE_LEVEL = 1.0
+
+
+class SR3Module(LightningModule):
+    """SR3 conditional DDPM (or its one-step regression baseline) for training, evaluation and sampling."""
+
+    def __init__(
+        self,
+        unet: UNetConfig = UNetConfig(),
+        beta_schedule: str = "linear",
+        num_timesteps: int = 2000,
+        beta_start: float = 1e-6,
+        beta_end: float = 1e-2,
+        loss: Literal["l1", "l2"] = "l1",
+        t_min: int = 1,
+        t_max: int | None = None,
+        t_sampling: Literal["batch", "sample"] = "batch",
+        objective: Literal["diffusion", "regression"] = "diffusion",
+        weight_init: Literal["orthogonal", "default"] = "orthogonal",
+        ema_decay: float | None = None,
+        init_from: str | None = None,
+        init_optimizer: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        """
+        Args:
+            unet: UNet shape; defaults to the reference 16->128 model (64 ch x (1,2,4,8,8), attention at 16).
+            beta_schedule: name of the training noise schedule (linear, quad, cosine, warmup10, ...).
+            num_timesteps: T, the number of diffusion steps (2000 in the reference).
+            beta_start: first beta (``linear_start`` in the reference config).
+            beta_end: last beta (``linear_end``).
+            loss: ``l1`` (the reference) or ``l2`` on the predicted noise.
+            t_min: smallest training step, 1-based; with ``t_max`` restricts training to a timestep range.
+            t_max: largest training step (default T).
+            t_sampling: one t per batch (the reference) or one per sample.
+            objective: ``diffusion`` (SR3) or ``regression`` (one-step baseline with the same UNet).
+            weight_init: ``orthogonal`` is the reference's init for training from scratch.
+            ema_decay: keep an exponential moving average of the weights for sampling/evaluation (off: None).
+            init_from: start from a reference checkpoint (``.../I640000_E37`` = ``_gen.pth`` + ``_opt.pth``)
+                or one of our ``.ckpt`` files; resuming our own runs uses ``fit --ckpt_path`` instead.
+            init_optimizer: take over the Adam state of ``init_from`` (False: fresh Adam moments).
+            optimizer: optimizer factory; default Adam(lr=1e-4), the reference's.
+            lr_scheduler: optional learning-rate scheduler factory (the reference uses none).
+        """
+        super().__init__()
+        unet = UNetConfig(**unet) if isinstance(unet, dict) else unet
+        self.save_hyperparameters(ignore=["unet", "optimizer", "lr_scheduler"])
+        self.hparams["unet"] = unet.to_dict()
+        self.schedule = make_schedule(beta_schedule, num_timesteps, beta_start, beta_end)
+        self.t_max = num_timesteps if t_max is None else t_max
+        check_t_range(t_min, self.t_max, num_timesteps)
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay}: use a value in (0, 1), e.g. 0.9999, or null to disable")
+        self.unet = UNet(unet)
+        if weight_init == "orthogonal":
+            init_orthogonal(self.unet)
+        self._init_optimizer_state: dict | None = None
+        if init_from:
+            init = load_init_weights(init_from, self.unet)
+            self._init_optimizer_state = init.optimizer_state if init_optimizer else None
+            log.info("initialised from %s", init.description)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False) if ema_decay else None
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+
+    # ----------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.batch_loss(batch).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["hr"].shape[0])
+        return loss
+
+    def batch_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample loss ``[B]`` of the configured objective on a batch dict (``hr``, ``lr_up``)."""
+        hr, cond = batch["hr"], batch["lr_up"]
+        if self.hparams.objective == "regression":
+            pred = self.unet(*self._regression_input(cond))
+            err = (pred - hr).abs() if self.hparams.loss == "l1" else (pred - hr).square()
+            return err.flatten(1).mean(dim=1)
+        sched = self._schedule_on(hr.device)
+        _, sqrt_gamma = sample_noise_level(
+            sched, hr.shape[0], self.hparams.t_min, self.t_max, self.hparams.t_sampling == "sample", generator
+        )
+        noise = torch.randn(hr.shape, generator=generator, device=hr.device, dtype=hr.dtype)
+        return denoising_loss(self.unet, hr, cond, sqrt_gamma, noise, self.hparams.loss)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        gen = torch.Generator(device=batch["hr"].device).manual_seed(batch_idx)
+        loss = self.batch_loss(batch, generator=gen).mean()
+        domain = batch["domain"][0] if isinstance(batch["domain"], list | tuple) else batch["domain"]
+        self.log(f"val/{domain}/loss", loss, batch_size=batch["hr"].shape[0], add_dataloader_idx=False)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema_unet is not None:
+            with torch.no_grad():
+                for ema, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
+                    ema.lerp_(p, 1.0 - self.hparams.ema_decay)
+
+    def configure_optimizers(self):
+        params = self.unet.parameters()
+        opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=1e-4)
+        if self.scheduler_factory is None:
+            return opt
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"},
+        }
+
+    def on_fit_start(self) -> None:
+        if self._init_optimizer_state is not None and self.trainer.ckpt_path is None:
+            self.trainer.optimizers[0].load_state_dict(self._init_optimizer_state)
+            log.info("took over the optimizer state of %s", self.hparams.init_from)
+        self._init_optimizer_state = None
+
+    # ----------------------------------------------------------------------------------------- sampling
+    def _schedule_on(self, device: torch.device):
+        if self.schedule.device != device:
+            self.schedule = self.schedule.to(device)
+        return self.schedule
+
+    def _regression_input(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.cat([cond, torch.zeros_like(cond)], dim=1)
+        return x, torch.full((cond.shape[0],), REGRESSION_NOISE_LEVEL, device=cond.device, dtype=cond.dtype)
+
+    @property
+    def sampling_unet(self) -> UNet:
+        """The EMA weights when kept, else the trained ones."""
+        return self.ema_unet if self.ema_unet is not None else self.unet
+
+    @torch.no_grad()
+    def super_resolve(
+        self,
+        lr_up: Tensor,
+        sampler: Sampler = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
+        t_start: int | None = None,
+        generator: torch.Generator | None = None,
+        record: list[int] | None = None,
+        progress: bool = False,
+    ) -> SampleResult:
+        """Super-resolve bicubic upsamples ``[B, 3, H, W]`` in [-1, 1].
+
+        ``steps`` respaces the chain to K steps (default: all T). ``t_start`` (1-based, in the possibly
+        respaced schedule) starts from the noised ``lr_up`` instead of pure noise (Diff-SR / SDEdit).
+        The regression objective answers with one forward pass.
+        """
+        unet = self.sampling_unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            if self.hparams.objective == "regression":
+                return SampleResult(images=unet(*self._regression_input(lr_up)), nfe=1)
+            sched = self._schedule_on(lr_up.device)
+            if steps is not None and steps != sched.num_timesteps:
+                sched = respace(sched, steps)
+            denoise = conditional_denoiser(unet, lr_up)
+            common = dict(generator=generator, record=record, progress=progress)
+            if t_start is not None:
+                return sample_from_image(denoise, lr_up, sched, t_start, sampler=sampler, eta=eta, **common)
+            x_t = torch.randn(lr_up.shape, generator=generator, device=lr_up.device, dtype=lr_up.dtype)
+            if sampler == "ddim":
+                return sample_ddim(denoise, x_t, sched, eta=eta, **common)
+            return sample_ddpm(denoise, x_t, sched, **common)
+        finally:
+            unet.train(was_training)
