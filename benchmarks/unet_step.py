@@ -1,6 +1,6 @@
 """UNet forward time and training steps/s on this machine, fp32 (run by hand; prints a table, writes JSON).
 
-    python benchmarks/unet_step.py --configs real tiny --batch 4 --repeats 5
+python benchmarks/unet_step.py --configs real tiny --batch 4 --repeats 5
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ from sr3_lightning.models.unet import UNet, UNetConfig
 CONFIGS = {
     "real": (UNetConfig(), 2000),  # the reference 16->128 model, 97.8 M parameters
     "tiny": (  # configs/demo.yaml
-        UNetConfig(inner_channel=16, norm_groups=8, channel_multiplier=(1, 2, 2), attn_res=(8,), res_blocks=1,
-                   dropout=0.0, image_size=32),
+        UNetConfig(
+            inner_channel=16,
+            norm_groups=8,
+            channel_multiplier=(1, 2, 2),
+            attn_res=(8,),
+            res_blocks=1,
+            dropout=0.0,
+            image_size=32,
+        ),
         100,
     ),
 }
@@ -59,8 +66,14 @@ def bench(name: str, batch: int, repeats: int) -> dict:
         opt.step()
 
     fwd, step = timed(forward, repeats), timed(train_step, repeats)
-    return {"config": name, "batch": batch, "params": sum(p.numel() for p in unet.parameters()),
-            "forward_s": fwd, "train_step_s": step, "steps_per_s": 1 / step}
+    return {
+        "config": name,
+        "batch": batch,
+        "params": sum(p.numel() for p in unet.parameters()),
+        "forward_s": fwd,
+        "train_step_s": step,
+        "steps_per_s": 1 / step,
+    }
 
 
 def main() -> None:
@@ -71,11 +84,13 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args()
     rows = [bench(c, args.batch, args.repeats) for c in args.configs]
-    print(f"device: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"device: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'config':>6} {'batch':>5} {'params':>11} {'forward s':>10} {'train step s':>13} {'steps/s':>8}")
     for r in rows:
-        print(f"{r['config']:>6} {r['batch']:>5} {r['params']:>11,} {r['forward_s']:>10.3f} "
-              f"{r['train_step_s']:>13.3f} {r['steps_per_s']:>8.2f}")
+        print(
+            f"{r['config']:>6} {r['batch']:>5} {r['params']:>11,} {r['forward_s']:>10.3f} "
+            f"{r['train_step_s']:>13.3f} {r['steps_per_s']:>8.2f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

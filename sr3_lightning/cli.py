@@ -28,7 +28,9 @@ class SaveConfigToRun(SaveConfigCallback):
         keys = getattr(trainer.datamodule, "train_keys", None) if trainer.datamodule else None
         if keys:
             hparams["train_keys"] = list(keys)
-            Path(trainer.log_dir or trainer.default_root_dir, "train_keys.txt").write_text("\n".join(keys) + "\n")
+            Path(trainer.log_dir or trainer.default_root_dir, "train_keys.txt").write_text(
+                "\n".join(keys) + "\n"
+            )
         for logger in trainer.loggers:
             logger.log_hyperparams(hparams)
 
@@ -68,7 +70,7 @@ def _commands() -> dict[str, Callable[[list[str]], None]]:
 
 
 def cli_main(args: ArgsType = None) -> SR3CLI | None:
-    """Entry point of ``python -m sr3_lightning`` and ``sr3-lightning``; ``args`` lets tests run it in-process."""
+    """Entry point of `python -m sr3_lightning` and `sr3-lightning`; `args` lets tests run it in-process."""
     argv = list(sys.argv[1:] if args is None else args)
     commands = _commands()
     if argv and argv[0] in commands:

@@ -38,7 +38,9 @@ def from_tensor(x: Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(x.detach().float().cpu()[None])[0].permute(1, 2, 0).numpy())
 
 
-def save_sheet(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], path: Path, pad: int = 2) -> Path:
+def save_sheet(
+    rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], path: Path, pad: int = 2
+) -> Path:
     """Paste rows of equally sized images into one PNG with a title above each column."""
     w, h = rows[0][0].size
     header = 12
@@ -48,7 +50,9 @@ def save_sheet(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], pat
         draw.text((pad + c * (w + pad), 0), title, fill="black")
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
-            sheet.paste(img.resize((w, h), Image.NEAREST), (pad + c * (w + pad), header + pad + r * (h + pad)))
+            sheet.paste(
+                img.resize((w, h), Image.NEAREST), (pad + c * (w + pad), header + pad + r * (h + pad))
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path

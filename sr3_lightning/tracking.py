@@ -61,7 +61,9 @@ class SafeWandbLogger(WandbLogger):
         except Exception as err:  # network errors surface as many exception types
             if self._wandb_init.get("mode") == "offline":
                 raise
-            log.warning("W&B online start failed (%s); continuing offline. Upload later with `wandb sync`.", err)
+            log.warning(
+                "W&B online start failed (%s); continuing offline. Upload later with `wandb sync`.", err
+            )
             self._wandb_init["mode"] = "offline"
             return super().experiment
 
@@ -70,11 +72,13 @@ class SafeWandbLogger(WandbLogger):
         super().finalize(status)
         run = self._experiment
         if run is not None and self._wandb_init.get("mode") == "offline":
-            log.warning("W&B offline run stored in %s; upload it with: wandb sync %s", run.dir, Path(run.dir).parent)
+            log.warning(
+                "W&B offline run stored in %s; upload it with: wandb sync %s", run.dir, Path(run.dir).parent
+            )
 
 
 def make_loggers(tracking: Tracking, run_dir: str | Path) -> list[Logger]:
-    """CSV metrics at ``run_dir/metrics.csv`` (first, so it sets ``trainer.log_dir``) plus W&B unless disabled."""
+    """CSV metrics at run_dir/metrics.csv (first: it sets trainer.log_dir), plus W&B unless disabled."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]

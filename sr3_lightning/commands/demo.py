@@ -30,7 +30,9 @@ CROP = 96  # px; make_shards then resizes to the model's 32 px HR / 8 px LR
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="sr3-lightning demo", description=__doc__)
-    p.add_argument("--src", type=Path | None, default=None, help="your own image folder (default: bundled photos)")
+    p.add_argument(
+        "--src", type=Path | None, default=None, help="your own image folder (default: bundled photos)"
+    )
     p.add_argument("--data-dir", type=Path, default=Path("demo_data"), help="where crops and shards go")
     p.add_argument("--config", type=Path, default=CONFIG, help="the fit config to run")
     return p
@@ -85,7 +87,9 @@ def main(argv: list[str]) -> None:
     folders = user_photos(args.src, args.data_dir) if args.src else bundled_photos(args.data_dir)
     for name, folder in folders.items():
         split, domain = name.split("/")
-        make_shards(folder, args.data_dir / "shards" / split / domain, domain, lr_size=8, hr_size=32, progress=False)
+        make_shards(
+            folder, args.data_dir / "shards" / split / domain, domain, lr_size=8, hr_size=32, progress=False
+        )
     fit_args = ["fit", "--config", str(args.config), f"--data.train.shards={args.data_dir / 'shards/train'}"]
     if "val/science" not in folders:
         fit_args.append("--data.val=[{domain: photos, shards: " + str(args.data_dir / "shards/val") + "}]")

@@ -14,9 +14,13 @@ log = logging.getLogger(__name__)
 
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="sr3-lightning import-reference", description=__doc__)
-    p.add_argument("--gen", type=Path, required=True, help="reference generator file, e.g. I640000_E37_gen.pth")
+    p.add_argument(
+        "--gen", type=Path, required=True, help="reference generator file, e.g. I640000_E37_gen.pth"
+    )
     p.add_argument("--opt", type=Path | None, default=None, help="reference optimizer file (*_opt.pth)")
-    p.add_argument("--config", type=Path | None, default=None, help="reference config JSON it was trained with")
+    p.add_argument(
+        "--config", type=Path | None, default=None, help="reference config JSON it was trained with"
+    )
     p.add_argument("--norm-groups", type=int | None, default=None, help="GroupNorm groups if no config (32)")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint, e.g. ffhq_16_128.ckpt")
     return p
@@ -44,6 +48,10 @@ def main(argv: list[str]) -> None:
     n_params = sum(p.numel() for p in ref.unet.parameters())
     log.info(
         "wrote %s: UNet %s (%d parameters), schedule %s, reference iteration %d%s",
-        args.out, ref.config.to_dict(), n_params, spec, ref.step,
+        args.out,
+        ref.config.to_dict(),
+        n_params,
+        spec,
+        ref.step,
         ", with its Adam state" if ref.optimizer_state else "",
     )

@@ -25,7 +25,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--steps", type=int | None, default=None, help="respaced steps K (default: all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--lr-size", type=int | None, default=None, help="first crop/resize inputs to this LR size")
+    p.add_argument(
+        "--lr-size", type=int | None, default=None, help="first crop/resize inputs to this LR size"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -35,13 +37,17 @@ def parser() -> ArgumentParser:
 def load_model(ckpt: Path, device: str) -> SR3Module:
     """Our checkpoint, in eval mode, with a clear error for anything else."""
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist; train one with `fit` or convert a reference "
-                                "checkpoint with `import-reference`.")
+        raise FileNotFoundError(
+            f"checkpoint {ckpt} does not exist; train one with `fit` or convert a reference "
+            "checkpoint with `import-reference`."
+        )
     try:
         model = SR3Module.load_from_checkpoint(ckpt, map_location=device)
     except (KeyError, RuntimeError, TypeError) as err:
-        raise ValueError(f"{ckpt} is not an sr3-lightning checkpoint ({type(err).__name__}: {err}). "
-                         "Convert reference *_gen.pth files with `import-reference` first.") from None
+        raise ValueError(
+            f"{ckpt} is not an sr3-lightning checkpoint ({type(err).__name__}: {err}). "
+            "Convert reference *_gen.pth files with `import-reference` first."
+        ) from None
     return model.eval()
 
 

@@ -1,0 +1,167 @@
+"""The CLI driven as users drive it: fit, resume, validate, sample, import-reference, init_from."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sr3_lightning.cli import cli_main
+from sr3_lightning.module import SR3Module
+from tests.reference import REF
+
+CONFIG = "configs/tiny_cpu.yaml"
+
+
+def fit_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        CONFIG,
+        f"--data.train.shards={shards}",
+        f"--trainer.default_root_dir={run_dir}",
+        "--data.val=[{domain: anime, shards: " + str(shards) + ", num_images: 4}]",
+        *extra,
+    ]
+
+
+def test_fit_l2_timestep_range_then_resume_to_twice_the_steps(tiny_shards, tmp_path):
+    args = fit_args(
+        tiny_shards,
+        tmp_path,
+        "--model.loss=l2",
+        "--model.t_min=1",
+        "--model.t_max=50",
+        "--trainer.max_steps=2",
+    )
+    cli = cli_main(args)
+    assert cli.model.hparams.loss == "l2" and cli.model.t_max == 50
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    position = torch.load(last, weights_only=False)["SR3DataModule"]
+    cli = cli_main([*args[:-1], "--trainer.max_steps=4", f"--ckpt_path={last}"])
+    assert cli.trainer.global_step == 4
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == 4 and resumed["SR3DataModule"] != position
+    assert (tmp_path / "metrics.csv").read_text().count("train/loss") == 1  # one header, rows per step
+    assert "val/anime/loss" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_validate_reports_a_loss_per_domain(tiny_shards, tmp_path):
+    cli = cli_main(
+        [
+            "validate",
+            "--config",
+            CONFIG,
+            f"--data.train.shards={tiny_shards}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.val=[{domain: anime, shards: "
+            + str(tiny_shards)
+            + "}, {domain: ffhq, shards: "
+            + str(tiny_shards)
+            + "}]",
+        ]
+    )
+    metrics = cli.trainer.callback_metrics
+    assert {"val/anime/loss", "val/ffhq/loss"} <= set(metrics)
+
+
+def test_print_config_is_complete_and_reruns(tiny_shards, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main([*fit_args(tiny_shards, tmp_path), "--print_config"])
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["model"]["unet"]["inner_channel"] == 8
+    assert "hr_size" not in config["data"]  # linked from model.unet.image_size: written once
+    (tmp_path / "printed.yaml").write_text(printed)
+    cli = cli_main(["fit", "--config", str(tmp_path / "printed.yaml"), "--trainer.max_steps=1"])
+    assert cli.trainer.global_step == 1
+
+
+def test_unknown_key_and_bad_value_fail_clearly(tiny_shards, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main([*fit_args(tiny_shards, tmp_path), "--model.lossy=l1"])
+    assert "lossy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*fit_args(tiny_shards, tmp_path), "--model.loss=l3"])
+    assert "l3" in capsys.readouterr().err
+
+
+def test_bad_timestep_range_is_rejected(tiny_shards, tmp_path):
+    with pytest.raises(ValueError, match=r"t_min must not exceed t_max"):
+        cli_main([*fit_args(tiny_shards, tmp_path), "--model.t_min=60", "--model.t_max=50"])
+
+
+def test_import_reference_then_init_from_takes_over_adam_state(tiny_shards, tmp_path):
+    ckpt = tmp_path / "tiny.ckpt"
+    cli_main(
+        [
+            "import-reference",
+            "--gen",
+            str(REF / "tiny_gen.pth"),
+            "--opt",
+            str(REF / "tiny_opt.pth"),
+            "--out",
+            str(ckpt),
+        ]
+    )
+    model = SR3Module.load_from_checkpoint(ckpt)
+    ref = torch.load(REF / "tiny_gen.pth", weights_only=True)
+    assert torch.equal(model.unet.downs[0].weight, ref["denoise_fn.downs.0.weight"])
+    for name, init_from in (("ref", REF / "tiny"), ("ours", ckpt)):  # the reference pair, our converted file
+        run = tmp_path / name
+        cli = cli_main(fit_args(tiny_shards, run, f"--model.init_from={init_from}", "--trainer.max_steps=1"))
+        adam = cli.trainer.optimizers[0].state_dict()["state"][0]
+        assert float(adam["step"]) == 3.0  # the reference's 2 steps + ours
+
+
+def test_import_reference_bad_file_is_one_paragraph_without_traceback(tmp_path):
+    bad = tmp_path / "broken_gen.pth"
+    bad.write_bytes(b"not a checkpoint")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sr3_lightning",
+            "import-reference",
+            "--gen",
+            str(bad),
+            "--out",
+            str(tmp_path / "x.ckpt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert "broken_gen.pth could not be read" in proc.stderr
+
+
+def test_sample_super_resolves_a_folder_of_lr_images(tmp_path):
+    ckpt = tmp_path / "tiny.ckpt"
+    cli_main(["import-reference", "--gen", str(REF / "tiny_gen.pth"), "--out", str(ckpt)])
+    inputs = tmp_path / "lr"
+    inputs.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 100, 200)).save(inputs / f"face{i}.png")
+    out = tmp_path / "sr"
+    cli_main(
+        [
+            "sample",
+            "--ckpt",
+            str(ckpt),
+            "--input",
+            str(inputs),
+            "--out",
+            str(out),
+            "--sampler=ddim",
+            "--steps=5",
+            "--batch-size=2",
+        ]
+    )
+    assert sorted(p.name for p in out.glob("*_sr.png")) == ["face0_sr.png", "face1_sr.png", "face2_sr.png"]
+    assert Image.open(out / "face0_sr.png").size == (32, 32) and (out / "sheet.png").is_file()
