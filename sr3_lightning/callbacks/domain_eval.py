@@ -1,0 +1,284 @@
+"""DomainEval: the forgetting check. SR metrics per val domain at chosen steps, relative to step 0.
+
+Fine-tuning on anime faces may cost quality on the original domains (FFHQ, CelebA-HQ). This callback measures
+every val domain before the first update (the baseline) and again at chosen steps, and logs
+``forget/{domain}/{metric}`` = value - baseline for the original domains.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sr3_lightning.callbacks.sample_grid import log_wandb_image, run_dir, to_png, val_domains
+from sr3_lightning.metrics import build_lpips, consistency, lpips_distance, psnr, ssim, to_uint8
+
+log = logging.getLogger(__name__)
+
+DIVERSITY_GRID_IMAGES = 4  # rows of the diversity grid: the first images of the domain
+
+
+class DomainEval(Callback):
+    """PSNR, SSIM, LPIPS and LR consistency of full SR chains on every val domain at chosen steps.
+
+    Evaluates at ``on_train_start`` (global step 0 in a fresh run: the baseline), whenever ``global_step``
+    is a multiple of ``every_n_steps`` or listed in ``at_steps``, and at the end (``at_end``); a step is never
+    evaluated twice. Per domain, all val images are super-resolved with the same ``seed`` each time and the
+    per-image metrics (uint8-quantised as the reference does) are averaged:
+
+    - ``val/{domain}/{psnr,ssim,lpips,consistency}`` (+ ``diversity`` when ``diversity_samples >= 2``);
+    - ``val/{domain}/bicubic_{psnr,ssim,lpips,consistency}``: ``lr_up`` vs HR, computed once, logged at
+      every evaluation as a flat reference line;
+    - ``forget/{domain}/{metric}`` = value - baseline, for ``original_domains`` only.
+
+    Metrics go to every logger at ``trainer.global_step`` and stay in ``self.history`` (step -> metrics).
+    Per-image values are written to ``{run_dir}/eval/{domain}_step{step:06d}.csv`` (and a W&B table
+    ``eval/{domain}``). The baseline, bicubic numbers, history and evaluated steps are in ``state_dict`` so a
+    resumed run keeps measuring against the original step 0 (restored when sampler, steps, eta and seed are
+    unchanged; otherwise the first evaluation becomes the baseline, with a warning). Rank zero evaluates,
+    other ranks go on (under DDP they wait at the next gradient sync; keep an evaluation shorter than the
+    process-group timeout).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        at_steps: list[int] | None = None,
+        at_end: bool = True,
+        original_domains: list[str] | None = None,
+        sampler: Literal["ddpm", "ddim"] = "ddpm",
+        steps: int | None = 100,
+        eta: float = 0.0,
+        seed: int = 0,
+        lpips: bool = True,
+        lpips_backbone: Literal["pretrained", "random"] = "pretrained",
+        diversity_samples: int = 0,
+    ) -> None:
+        """
+        Args:
+            every_n_steps: evaluate when ``global_step`` is a multiple of this (None: only ``at_steps``).
+            at_steps: explicit global steps to evaluate at, e.g. [400, 1200, 2000, 4000, 12000].
+            at_end: also evaluate when training ends (skipped if that step was already evaluated).
+            original_domains: val domains the model was trained on before fine-tuning (e.g. [ffhq, celebahq]);
+                they get ``forget/{domain}/*`` keys. Each must be a val domain.
+            sampler: ``ddpm`` (ancestral, the reference) or ``ddim``.
+            steps: K, respace the chain to K steps; None runs all T (the reference's numbers, slow).
+            eta: DDIM noise scale (0 = deterministic); ignored by ``ddpm``.
+            seed: seed of the sampling noise, reused at every evaluation so steps differ only by the weights.
+            lpips: compute LPIPS (AlexNet). Needs the torchvision AlexNet file in the torch hub cache; without
+                it training stops at setup with a message naming the file (place it, or set ``lpips: false``).
+            lpips_backbone: ``random`` is for tests only: LPIPS with an untrained AlexNet, needing no file.
+                Its numbers are not LPIPS and are logged as ``lpips_random``, never as ``lpips``.
+            diversity_samples: n >= 2 draws n samples per image (seeds ``seed .. seed+n-1``; the first is the
+                one scored) and logs ``val/{domain}/diversity``: the per-pixel std over the n samples
+                (population std, on (x+1)/2 so in [0, 0.5]) averaged over pixels and images; 0 for the
+                regression objective. Also saves ``{run_dir}/grids/diversity_{domain}_step{step:06d}.png``
+                (rows: first images; columns: bicubic | n samples | HR). 0 = off; costs n chains per image.
+        """
+        super().__init__()
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps}: use a positive number of steps, or null")
+        if at_steps is not None and any(s < 0 for s in at_steps):
+            raise ValueError(f"at_steps={at_steps}: global steps start at 0")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps={steps}: use a positive number of sampling steps, or null for all T")
+        if diversity_samples == 1 or diversity_samples < 0:
+            raise ValueError(f"diversity_samples={diversity_samples}: use 0 (off) or at least 2 samples")
+        self.every_n_steps = every_n_steps
+        self.at_steps = sorted(set(at_steps or []))
+        self.at_end = at_end
+        self.original_domains = list(original_domains or [])
+        self.sampler = sampler
+        self.steps = steps
+        self.eta = eta
+        self.seed = seed
+        self.lpips = lpips
+        self.lpips_backbone = lpips_backbone
+        self.diversity_samples = diversity_samples
+        self.lpips_name = "lpips" if lpips_backbone == "pretrained" else "lpips_random"
+        self.baseline: dict[str, dict[str, float]] | None = None  # domain -> metric -> value at baseline_step
+        self.baseline_step: int | None = None
+        self.bicubic: dict[str, dict[str, float]] = {}  # domain -> bicubic_* metrics (do not change)
+        self.history: dict[int, dict[str, float]] = {}  # global step -> every key logged at that step
+        self.evaluated_steps: set[int] = set()
+        self._lpips_model: torch.nn.Module | None = None
+        self._run_dir: Path | None = None
+
+    @property
+    def state_key(self) -> str:
+        # What defines the measurement, not the schedule: a resumed run may list more at_steps and still get
+        # its baseline back, while a changed sampler does not compare against a baseline it never measured.
+        return self._generate_state_key(sampler=self.sampler, steps=self.steps, eta=self.eta, seed=self.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "baseline": self.baseline,
+            "baseline_step": self.baseline_step,
+            "bicubic": self.bicubic,
+            "history": self.history,
+            "evaluated_steps": sorted(self.evaluated_steps),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.baseline = state_dict["baseline"]
+        self.baseline_step = state_dict["baseline_step"]
+        self.bicubic = dict(state_dict["bicubic"])
+        self.history = {int(k): v for k, v in state_dict["history"].items()}
+        self.evaluated_steps = set(state_dict["evaluated_steps"])
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._run_dir = run_dir(trainer)
+        if self.lpips and self._lpips_model is None:
+            # Built on every rank, before training starts, so missing weights stop all ranks at once.
+            self._lpips_model = build_lpips(pretrained_backbone=self.lpips_backbone == "pretrained")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.baseline is None:  # a fresh run; a resumed one brings its baseline in the checkpoint
+            if trainer.global_step > 0:
+                log.warning(
+                    "DomainEval: no baseline in the checkpoint (callback added, or sampler/steps/eta/seed "
+                    "changed); step %d becomes the baseline of forget/*",
+                    trainer.global_step,
+                )
+            self._evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step in self.at_steps or (self.every_n_steps is not None and step % self.every_n_steps == 0):
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.at_end:
+            self._evaluate(trainer, pl_module)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step in self.evaluated_steps:
+            return
+        domains = val_domains(trainer)
+        names = [name for name, _ in domains]
+        unknown = sorted(set(self.original_domains) - set(names))
+        if unknown:
+            raise ValueError(f"original_domains {unknown} are not val domains; the val domains are {names}")
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                results = {
+                    name: self._evaluate_domain(trainer, pl_module, name, dl, step) for name, dl in domains
+                }
+        finally:
+            pl_module.train(was_training)
+        if self.baseline is None:
+            self.baseline, self.baseline_step = results, step
+        metrics: dict[str, float] = {}
+        for name, values in results.items():
+            metrics.update({f"val/{name}/{k}": v for k, v in values.items()})
+            metrics.update({f"val/{name}/{k}": v for k, v in self.bicubic[name].items()})
+            if name in self.original_domains and name in self.baseline:
+                base = self.baseline[name]
+                metrics.update({f"forget/{name}/{k}": v - base[k] for k, v in values.items() if k in base})
+        self.evaluated_steps.add(step)
+        self.history[step] = metrics
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=step)
+        log.info("DomainEval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+
+    def _evaluate_domain(
+        self, trainer: Trainer, pl_module: LightningModule, domain: str, loader: Any, step: int
+    ) -> dict[str, float]:
+        """Score every val image of one domain; writes the per-image CSV/table; returns the means."""
+        device = pl_module.device
+        if self._lpips_model is not None:
+            self._lpips_model.to(device)
+        n_draws = max(1, self.diversity_samples)
+        gens = [torch.Generator(device=device).manual_seed(self.seed + j) for j in range(n_draws)]
+        need_bicubic = domain not in self.bicubic
+        keys: list[str] = []
+        per_image: dict[str, list[Tensor]] = {}
+        bicubic: dict[str, list[Tensor]] = {}
+        grid_rows: list[Tensor] = []
+        bar = tqdm(
+            desc=f"eval {domain} @ step {step}", unit="img", total=_size(loader), disable=None, leave=False
+        )
+        for batch in loader:
+            lr, lr_up, hr = (batch[k].to(device) for k in ("lr", "lr_up", "hr"))
+            samples = [
+                pl_module.super_resolve(
+                    lr_up, sampler=self.sampler, steps=self.steps, eta=self.eta, generator=g
+                ).images.clamp(-1.0, 1.0)
+                for g in gens
+            ]
+            scores = self._image_metrics(samples[0], hr, lr)
+            if self.diversity_samples:
+                unit = (torch.stack(samples) + 1.0) / 2.0  # [n, B, 3, H, W] in [0, 1]
+                scores["diversity"] = unit.std(dim=0, correction=0).flatten(1).mean(dim=1)
+                missing = DIVERSITY_GRID_IMAGES - sum(len(r) for r in grid_rows)
+                if missing > 0:
+                    grid_rows.append(torch.stack([lr_up, *samples, hr], dim=1)[:missing].cpu())
+            for k, v in scores.items():
+                per_image.setdefault(k, []).append(v.double().cpu())
+            if need_bicubic:
+                for k, v in self._image_metrics(lr_up, hr, lr).items():
+                    bicubic.setdefault(f"bicubic_{k}", []).append(v.double().cpu())
+            keys.extend(str(k) for k in batch.get("key", [f"{len(keys) + i}" for i in range(len(hr))]))
+            bar.update(len(hr))
+        bar.close()
+        if not keys:
+            raise ValueError(f"val domain '{domain}' has no images to evaluate")
+        columns = {k: torch.cat(v) for k, v in per_image.items()}
+        if need_bicubic:
+            self.bicubic[domain] = {k: torch.cat(v).mean().item() for k, v in bicubic.items()}
+        self._write_table(trainer, domain, step, keys, columns)
+        if grid_rows:
+            rows = torch.cat(grid_rows)  # [N, n + 2, 3, H, W]
+            assert self._run_dir is not None, "setup() sets the run directory"
+            path = self._run_dir / "grids" / f"diversity_{domain}_step{step:06d}.png"
+            grid = to_png(rows.flatten(0, 1), path, nrow=rows.shape[1])
+            caption = f"bicubic | {self.diversity_samples} samples (seeds {self.seed}..) | HR"
+            log_wandb_image(trainer, f"samples/diversity_{domain}", grid, caption)
+        return {k: v.mean().item() for k, v in columns.items()}
+
+    def _image_metrics(self, pred: Tensor, hr: Tensor, lr: Tensor) -> dict[str, Tensor]:
+        """Per-image ``[B]`` PSNR/SSIM on uint8 (as the reference), LPIPS and LR consistency of pred vs HR."""
+        pred_u8, hr_u8 = to_uint8(pred), to_uint8(hr)
+        out = {"psnr": psnr(pred_u8, hr_u8), "ssim": ssim(pred_u8, hr_u8)}
+        if self._lpips_model is not None:
+            out[self.lpips_name] = lpips_distance(self._lpips_model, pred, hr)
+        out["consistency"] = consistency(pred, lr)
+        return out
+
+    def _write_table(
+        self, trainer: Trainer, domain: str, step: int, keys: list[str], columns: dict[str, Tensor]
+    ) -> None:
+        """Per-image metrics as ``{run_dir}/eval/{domain}_step{step:06d}.csv`` and a W&B table."""
+        names = ["key", *columns]
+        rows = [[key, *(columns[c][i].item() for c in columns)] for i, key in enumerate(keys)]
+        assert self._run_dir is not None, "setup() sets the run directory"
+        path = self._run_dir / "eval" / f"{domain}_step{step:06d}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(names)
+            writer.writerows(rows)
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                lg.log_table(key=f"eval/{domain}", columns=names, data=rows, step=step)
+
+
+def _size(loader: Any) -> int | None:
+    """Number of val images for the progress bar, when the loader knows it."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
