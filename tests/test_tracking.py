@@ -1,0 +1,54 @@
+"""W&B offline beside CSV: what a dashboard would show, read back from the run files."""
+
+import csv
+
+import wandb
+
+from sr3_lightning.cli import cli_main
+from sr3_lightning.tracking import resolve_mode
+from sr3_lightning.wandb_offline import read_history
+
+EVAL = (
+    "--trainer.callbacks+=sr3_lightning.callbacks.DomainEval",
+    "--trainer.callbacks.every_n_steps=1",
+    "--trainer.callbacks.sampler=ddim",
+    "--trainer.callbacks.steps=3",
+    "--trainer.callbacks.lpips=false",
+)
+
+
+def test_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online"
+    assert resolve_mode("disabled") == "disabled"
+
+
+def test_offline_run_history_and_csv_hold_domain_metrics_per_step(tiny_shards, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cli_main(
+        [
+            "fit",
+            "--config",
+            "configs/tiny_cpu.yaml",
+            f"--data.train.shards={tiny_shards}",
+            "--data.val=[{domain: anime, shards: " + str(tiny_shards) + ", num_images: 2}]",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=3",
+            "--tracking.mode=auto",
+            *EVAL,
+        ]
+    )
+    wandb.finish()
+    history = read_history(tmp_path / "wandb")
+    steps = {row["trainer/global_step"] for row in history if "val/anime/psnr" in row}
+    assert steps >= {0, 1, 2, 3}
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/anime/psnr")]
+    assert {int(r["step"]) for r in rows} == steps
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "train_keys.txt").read_text().count(
+        "\n"
+    ) == 24 - 2
