@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from sr3_lightning.data.datamodule import SR3DataModule
 from sr3_lightning.module import SR3Module
 from sr3_lightning.tracking import Tracking, make_loggers
@@ -52,21 +54,65 @@ class SR3CLI(LightningCLI):
         parser.add_class_arguments(Tracking, "tracking")
         parser.link_arguments("model.unet.image_size", "data.hr_size")
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+        parser.add_argument(
+            "--fresh",
+            type=bool,
+            default=False,
+            help="fit: start anew although the run directory holds checkpoints (the old run is moved aside)",
+        )
 
     def instantiate_trainer(self, **kwargs):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        run_dir = Path(trainer_cfg.get("default_root_dir") or "runs/default")
+        prepare_run_dir(run_dir, fresh=self.subcommand == "fit" and bool(self._get(self.config, "fresh")))
         if trainer_cfg.get("logger") in (None, True):
             tracking = self._get(self.config_init, "tracking")
             if isinstance(tracking, Namespace):
                 tracking = Tracking(**tracking.as_dict())
-            kwargs["logger"] = make_loggers(tracking, trainer_cfg.get("default_root_dir") or "runs/default")
+            kwargs["logger"] = make_loggers(tracking, run_dir)
+        if not trainer_cfg.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Resume by default: a run directory that holds checkpoints continues from the newest good one."""
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("ckpt_path") is None:
+            found = find_resume_checkpoint(self.trainer.default_root_dir)
+            if found is not None:
+                cfg["ckpt_path"] = str(found)
+        if cfg.get("ckpt_path"):
+            log.warning("resuming from %s (pass --fresh to start anew)", cfg["ckpt_path"])
+
+
+def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
+    """Fail early on a run directory that cannot be written; with ``fresh``, move an old run aside."""
+    if fresh and run_dir.exists() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        log.warning("--fresh: moved the previous run %s to %s", run_dir, aside)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"run directory {run_dir} is not writable ({err.strerror or err}); choose another "
+            "--trainer.default_root_dir"
+        ) from None
 
 
 def _commands() -> dict[str, Callable[[list[str]], None]]:
-    from sr3_lightning.commands import demo, import_reference, sample
+    from sr3_lightning.commands import demo, diffsr_calibrate, import_reference, sample, upscale
 
-    return {"import-reference": import_reference.main, "sample": sample.main, "demo": demo.main}
+    return {
+        "import-reference": import_reference.main,
+        "sample": sample.main,
+        "demo": demo.main,
+        "upscale": upscale.main,
+        "diffsr-calibrate": diffsr_calibrate.main,
+    }
 
 
 def cli_main(args: ArgsType = None) -> SR3CLI | None:

@@ -24,6 +24,7 @@ from sr3_lightning.diffusion import (
     sample_noise_level,
 )
 from sr3_lightning.diffusion.losses import check_t_range
+from sr3_lightning.fast_paths import FastPaths, use_fused_adam
 from sr3_lightning.models.unet import UNet, UNetConfig, init_orthogonal
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 Sampler = Literal["ddpm", "ddim"]
 # The regression baseline feeds the UNet's noisy-image channels and noise level these fixed values.
 REGRESSION_NOISE_LEVEL = 1.0
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A distinct 63-bit seed per (seed, step, rank): the training draws depend on these alone."""
+    return (seed * 1_000_003 + step * 8_191 + rank) % (2**63 - 1)
 
 
 class SR3Module(LightningModule):
@@ -52,6 +58,13 @@ class SR3Module(LightningModule):
         ema_decay: float | None = None,
         init_from: str | None = None,
         init_optimizer: bool = True,
+        seed: int = 0,
+        nonfinite_patience: int = 10,
+        channels_last: bool | None = None,
+        compile: bool | None = None,
+        fused_attention: bool = True,
+        fused_adam: bool | None = None,
+        progress_bar_loss: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -72,6 +85,18 @@ class SR3Module(LightningModule):
             init_from: start from a reference checkpoint (``.../I640000_E37`` = ``_gen.pth`` + ``_opt.pth``)
                 or one of our ``.ckpt`` files; resuming our own runs uses ``fit --ckpt_path`` instead.
             init_optimizer: take over the Adam state of ``init_from`` (False: fresh Adam moments).
+            seed: seed of the training draws (t, noise, dropout). Step k on rank r always draws the same
+                numbers, so a resumed run continues bit for bit without carrying RNG state.
+            nonfinite_patience: a step with non-finite gradients is skipped and counted; this many in a
+                row stop the run with the step and the batch keys.
+            channels_last: UNet weights and activations in NHWC (faster convolutions on GPU and CPU).
+                None = the fastest for the device (`sr3_lightning.fast_paths.FastPaths.resolve`).
+            compile: ``torch.compile`` the UNet in place (keys unchanged). None = on with CUDA, off on CPU.
+            fused_attention: attention by fused ``scaled_dot_product_attention``; False = the unfused
+                softmax(q k^T) v of the reference (for comparisons).
+            fused_adam: use the fused Adam/AdamW kernel. None = on where the parameters' device has it.
+            progress_bar_loss: show ``train/loss`` in the progress bar every step; costs one host-device
+                synchronisation per step (off: fetched only every ``trainer.log_every_n_steps``).
             optimizer: optimizer factory; default Adam(lr=1e-4), the reference's.
             lr_scheduler: optional learning-rate scheduler factory (the reference uses none).
         """
@@ -95,11 +120,18 @@ class SR3Module(LightningModule):
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False) if ema_decay else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self._bad_steps = 0
+        self._skipped_steps = 0
+        self._batch_keys: list[str] = []
 
     # ----------------------------------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
+        self._batch_keys = list(batch.get("key", []))
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.batch_loss(batch).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["hr"].shape[0])
+        self.log("train/loss", loss, prog_bar=self.hparams.progress_bar_loss, batch_size=batch["hr"].shape[0])
         return loss
 
     def batch_loss(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
@@ -122,7 +154,30 @@ class SR3Module(LightningModule):
         domain = batch["domain"][0] if isinstance(batch["domain"], list | tuple) else batch["domain"]
         self.log(f"val/{domain}/loss", loss, batch_size=batch["hr"].shape[0], add_dataloader_idx=False)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip a step whose gradients are not finite (drop them: Adam then updates nothing), and stop
+        after ``nonfinite_patience`` such steps in a row."""
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        if not grads or bool(torch.stack([g.detach().float().abs().sum() for g in grads]).isfinite().all()):
+            self._bad_steps = 0
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self._bad_steps += 1
+        self._skipped_steps += 1
+        self.log("train/skipped_steps", float(self._skipped_steps))
+        log.warning(
+            "step %d: non-finite gradients, step skipped (batch keys %s)", self.global_step, self._batch_keys
+        )
+        if self._bad_steps >= self.hparams.nonfinite_patience:
+            raise FloatingPointError(
+                f"{self._bad_steps} consecutive steps with non-finite loss or gradients, the last at step "
+                f"{self.global_step} on batch keys {self._batch_keys}. Lower the learning rate, check these "
+                "images, or raise model.nonfinite_patience."
+            )
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._bad_steps:
+            return
         if self.ema_unet is not None:
             with torch.no_grad():
                 for ema, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
@@ -137,6 +192,20 @@ class SR3Module(LightningModule):
             "optimizer": opt,
             "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"},
         }
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        paths = FastPaths.resolve(
+            self.trainer.strategy.root_device, hp.channels_last, hp.compile, hp.fused_attention, hp.fused_adam
+        )
+        for unet in (self.unet, self.ema_unet):
+            if unet is not None:
+                paths.apply(unet)
+
+    def on_train_start(self) -> None:
+        hp = self.hparams
+        if FastPaths.resolve(self.device, fused_adam=hp.fused_adam).fused_adam:
+            use_fused_adam(self.trainer.optimizers)  # after any optimizer state was loaded
 
     def on_fit_start(self) -> None:
         if self._init_optimizer_state is not None and self.trainer.ckpt_path is None:

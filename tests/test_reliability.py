@@ -1,0 +1,128 @@
+"""A run survives being killed at any moment, and bad situations stop it with a clear message."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
+from sr3_lightning.cli import cli_main
+
+CONFIG = "configs/tiny_cpu.yaml"
+
+
+def args_for(shards: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        CONFIG,
+        f"--data.train.shards={shards}",
+        f"--trainer.default_root_dir={run_dir}",
+        "--data.val=[{domain: anime, shards: " + str(shards) + ", num_images: 2}]",
+        f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=5",
+        "--trainer.deterministic=true",
+        "--trainer.callbacks.every_n_train_steps=5",
+        *extra,
+    ]
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for (i, sa), sb in zip(
+        a["optimizer_states"][0]["state"].items(), b["optimizer_states"][0]["state"].values()
+    ):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), i
+    assert a["SR3DataModule"] == b["SR3DataModule"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(tiny_shards, tmp_path):
+    steps = 20
+    cli_main(args_for(tiny_shards, tmp_path / "straight", steps))
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sr3_lightning", *args_for(tiny_shards, killed, steps)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step=10.ckpt").exists():  # ModelCheckpoint names it epoch=0-step=10
+        if any((killed / "checkpoints").glob("*step=10.ckpt")) or time.time() > deadline:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = find_resume_checkpoint(killed)
+    assert at_kill is not None and torch.load(at_kill, weights_only=False)["global_step"] < steps
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    assert_same_training_state(final_state(tmp_path / "straight"), final_state(killed))
+
+
+def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tiny_shards, tmp_path, caplog):
+    cli_main(args_for(tiny_shards, tmp_path, 10))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # a crash mid-write without atomic saves would leave this
+    found = find_resume_checkpoint(tmp_path)
+    assert found is not None and found.name.endswith("step=10.ckpt")
+    assert "last.ckpt is corrupt" in caplog.text
+    cli = cli_main(args_for(tiny_shards, tmp_path, 15))
+    assert cli.trainer.global_step == 15
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, target)
+    good = target.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left on device.*previous checkpoint files are untouched"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, target)
+    assert target.read_bytes() == good
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_naming_step_and_keys(tiny_shards, tmp_path):
+    explode = [
+        "--model.optimizer=torch.optim.SGD",
+        "--model.optimizer.lr=1e38",
+        "--model.nonfinite_patience=3",
+    ]
+    with pytest.raises(
+        FloatingPointError, match=r"3 consecutive steps .* at step \d+ on batch keys \['anime_"
+    ):
+        cli_main(args_for(tiny_shards, tmp_path, 20, *explode))
+
+
+def test_unwritable_run_directory_is_a_clear_error(tiny_shards, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(
+        ValueError, match=r"run directory .*a_file/run is not writable .* --trainer.default_root_dir"
+    ):
+        cli_main(args_for(tiny_shards, blocker / "run", 2))
+
+
+def test_fresh_moves_the_previous_run_aside(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    cli_main(args_for(tiny_shards, run, 5))
+    cli = cli_main([*args_for(tiny_shards, run, 5), "--fresh=true"])
+    assert cli.trainer.global_step == 5
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "last.ckpt").is_file()
