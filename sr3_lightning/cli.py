@@ -30,9 +30,9 @@ class SaveConfigToRun(SaveConfigCallback):
         keys = getattr(trainer.datamodule, "train_keys", None) if trainer.datamodule else None
         if keys:
             hparams["train_keys"] = list(keys)
-            Path(trainer.log_dir or trainer.default_root_dir, "train_keys.txt").write_text(
-                "\n".join(keys) + "\n"
-            )
+            # not trainer.log_dir: it broadcasts, and this runs on rank 0 alone
+            run_dir = trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir
+            Path(run_dir or trainer.default_root_dir, "train_keys.txt").write_text("\n".join(keys) + "\n")
         for logger in trainer.loggers:
             logger.log_hyperparams(hparams)
 
@@ -104,7 +104,15 @@ def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
 
 
 def _commands() -> dict[str, Callable[[list[str]], None]]:
-    from sr3_lightning.commands import demo, diffsr_calibrate, import_reference, sample, upscale
+    from sr3_lightning.commands import (
+        demo,
+        diffsr_calibrate,
+        import_reference,
+        report,
+        sample,
+        sweep,
+        upscale,
+    )
 
     return {
         "import-reference": import_reference.main,
@@ -112,6 +120,8 @@ def _commands() -> dict[str, Callable[[list[str]], None]]:
         "demo": demo.main,
         "upscale": upscale.main,
         "diffsr-calibrate": diffsr_calibrate.main,
+        "sweep": sweep.main,
+        "report": report.main,
     }
 
 

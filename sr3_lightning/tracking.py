@@ -52,7 +52,8 @@ class Tracking:
 
 
 class SafeWandbLogger(WandbLogger):
-    """WandbLogger whose start never raises: a failed online init falls back to offline, loudly."""
+    """WandbLogger that never stops a run: a failed online start continues offline and a failed log call
+    is reported once; the CSV log beside it stays complete."""
 
     @property
     def experiment(self) -> Any:
@@ -67,9 +68,32 @@ class SafeWandbLogger(WandbLogger):
             self._wandb_init["mode"] = "offline"
             return super().experiment
 
+    def _guarded(self, name: str, call, *args, **kwargs) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as err:  # W&B server or network trouble must not end a training run
+            if not getattr(self, "_warned", False):
+                log.warning("W&B %s failed (%s); training continues, the CSV log is complete.", name, err)
+                self._warned = True
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self._guarded("log_metrics", super().log_metrics, metrics, step)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self._guarded("log_hyperparams", super().log_hyperparams, params, *args, **kwargs)
+
+    def log_image(self, key: str, images: list, step: int | None = None, **kwargs: Any) -> None:
+        self._guarded("log_image", super().log_image, key, images, step, **kwargs)
+
+    def log_table(self, key: str, *args: Any, **kwargs: Any) -> None:
+        self._guarded("log_table", super().log_table, key, *args, **kwargs)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._guarded("checkpoint upload", super().after_save_checkpoint, checkpoint_callback)
+
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        super().finalize(status)
+        self._guarded("finalize", super().finalize, status)
         run = self._experiment
         if run is not None and self._wandb_init.get("mode") == "offline":
             log.warning(

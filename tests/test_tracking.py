@@ -52,3 +52,14 @@ def test_offline_run_history_and_csv_hold_domain_metrics_per_step(tiny_shards, t
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "train_keys.txt").read_text().count(
         "\n"
     ) == 24 - 2
+
+
+def test_wandb_logging_failures_never_stop_training(tmp_path, monkeypatch, caplog):
+    from sr3_lightning.tracking import SafeWandbLogger
+
+    logger = SafeWandbLogger(project="p", save_dir=str(tmp_path), mode="offline")
+    broken = type("Run", (), {"log": lambda self, *a, **k: (_ for _ in ()).throw(ConnectionError("down"))})()
+    monkeypatch.setattr(SafeWandbLogger, "experiment", property(lambda self: broken))
+    logger.log_metrics({"train/loss": 1.0}, step=3)
+    logger.log_metrics({"train/loss": 0.5}, step=4)
+    assert caplog.text.count("W&B log_metrics failed (down); training continues") == 1
