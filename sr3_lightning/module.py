@@ -152,7 +152,13 @@ class SR3Module(LightningModule):
         gen = torch.Generator(device=batch["hr"].device).manual_seed(batch_idx)
         loss = self.batch_loss(batch, generator=gen).mean()
         domain = batch["domain"][0] if isinstance(batch["domain"], list | tuple) else batch["domain"]
-        self.log(f"val/{domain}/loss", loss, batch_size=batch["hr"].shape[0], add_dataloader_idx=False)
+        self.log(
+            f"val/{domain}/loss",
+            loss,
+            batch_size=batch["hr"].shape[0],
+            add_dataloader_idx=False,
+            sync_dist=True,
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip a step whose gradients are not finite (drop them: Adam then updates nothing), and stop
