@@ -126,3 +126,23 @@ def test_fresh_moves_the_previous_run_aside(tiny_shards, tmp_path):
     assert cli.trainer.global_step == 5
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_best_by_metric_checkpoint_monitors_a_domain_eval_metric(tiny_shards, tmp_path):
+    best = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.monitor=val/anime/psnr",
+        "--trainer.callbacks.mode=max",
+        "--trainer.callbacks.save_top_k=1",
+        "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.filename=best-{step}",
+        "--trainer.callbacks+=sr3_lightning.callbacks.DomainEval",
+        "--trainer.callbacks.every_n_steps=2",
+        "--trainer.callbacks.sampler=ddim",
+        "--trainer.callbacks.steps=2",
+        "--trainer.callbacks.lpips=false",
+    ]
+    cli = cli_main(args_for(tiny_shards, tmp_path, 4, *best))
+    monitor = [cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor == "val/anime/psnr"][0]
+    assert Path(monitor.best_model_path).name.startswith("best-step=")
+    assert float(monitor.best_model_score) > 0

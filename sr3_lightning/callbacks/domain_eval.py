@@ -162,9 +162,17 @@ class DomainEval(Callback):
 
     # ------------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Rank 0 evaluates; every rank receives the numbers, so ``ModelCheckpoint(monitor=...)`` can use
+        them (they are put in ``trainer.callback_metrics``) and all ranks agree on what was evaluated."""
         step = trainer.global_step
-        if not trainer.is_global_zero or step in self.evaluated_steps:
+        if step in self.evaluated_steps:
             return
+        metrics = self._compute(trainer, pl_module, step) if trainer.is_global_zero else {}
+        metrics = trainer.strategy.broadcast(metrics)
+        self.evaluated_steps.add(step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+
+    def _compute(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, float]:
         domains = val_domains(trainer)
         names = [name for name, _ in domains]
         unknown = sorted(set(self.original_domains) - set(names))
@@ -188,11 +196,11 @@ class DomainEval(Callback):
             if name in self.original_domains and name in self.baseline:
                 base = self.baseline[name]
                 metrics.update({f"forget/{name}/{k}": v - base[k] for k, v in values.items() if k in base})
-        self.evaluated_steps.add(step)
         self.history[step] = metrics
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=step)
         log.info("DomainEval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+        return metrics
 
     def _evaluate_domain(
         self, trainer: Trainer, pl_module: LightningModule, domain: str, loader: Any, step: int
