@@ -8,13 +8,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from sr3_lightning.data.datamodule import SR3DataModule
 from sr3_lightning.module import SR3Module
-from sr3_lightning.tracking import Tracking, make_loggers
+from sr3_lightning.tracking import Tracking, make_loggers, trim_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,11 @@ class SR3CLI(LightningCLI):
             if found is not None:
                 cfg["ckpt_path"] = str(found)
         if cfg.get("ckpt_path"):
-            log.warning("resuming from %s (pass --fresh to start anew)", cfg["ckpt_path"])
+            step = torch.load(cfg["ckpt_path"], map_location="cpu", weights_only=False, mmap=True)[
+                "global_step"
+            ]
+            log.warning("resuming from %s at step %d (pass --fresh to start anew)", cfg["ckpt_path"], step)
+            trim_metrics_csv(self.trainer.default_root_dir, step)
 
 
 def prepare_run_dir(run_dir: Path, fresh: bool) -> None:

@@ -6,6 +6,7 @@ print the ``wandb sync`` command that uploads them later.
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -14,7 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -101,11 +104,61 @@ class SafeWandbLogger(WandbLogger):
             )
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; this one keeps its rows and header."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger that continues ``metrics.csv`` across resumes instead of starting it anew."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+@rank_zero_only
+def trim_metrics_csv(run_dir: str | Path, last_step: int) -> None:
+    """Drop rows logged after ``last_step``: a resumed run logs those steps again."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], [r for r in reader if int(r["step"]) <= last_step]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory, created once: a resumed run continues the same W&B run."""
+    path = run_dir / "wandb_run_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 def make_loggers(tracking: Tracking, run_dir: str | Path) -> list[Logger]:
     """CSV metrics at run_dir/metrics.csv (first: it sets trainer.log_dir), plus W&B unless disabled."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    loggers: list[Logger] = [RunCSVLogger(save_dir=str(run_dir), name="", version="")]
     mode = resolve_mode(tracking.mode)
     if mode != "disabled":
         os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
@@ -119,6 +172,8 @@ def make_loggers(tracking: Tracking, run_dir: str | Path) -> list[Logger]:
                 tags=tracking.tags or None,
                 group=tracking.group,
                 log_model=mode == "online",
+                id=wandb_run_id(run_dir),
+                resume="allow",
             )
         )
     return loggers
