@@ -1,0 +1,35 @@
+"""``report``: the study's tables, plots and CSV from finished runs.
+
+    python -m sr3_lightning report runs/steps runs/data runs/timesteps runs/forgetting --out reports/study
+    python -m sr3_lightning report wandb:ENTITY/sr3-finetune/SWEEP_ID --out reports/steps   # online
+
+RUNS are run directories, sweep directories (their finished runs) or ``wandb:ENTITY/PROJECT[/SWEEP_ID]``.
+Writes ``report.md`` (Tables 1-4, plots embedded), ``report.csv`` (every number) and PNG plots into --out.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from jsonargparse import ArgumentParser
+
+from sr3_lightning.report import load_runs, write_report
+
+log = logging.getLogger(__name__)
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="sr3-lightning report", description=__doc__)
+    p.add_argument(
+        "runs", type=str, nargs="+", help="run or sweep directories, or wandb:ENTITY/PROJECT[/SWEEP]"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    runs = load_runs(args.runs)
+    path = write_report(runs, args.out)
+    log.info("report of %d run(s): %s (numbers: %s)", len(runs), path, path.with_suffix(".csv"))

@@ -1,0 +1,438 @@
+"""The study's report: read finished runs, lay out Tables 1-4, plot every metric against steps.
+
+Runs come from local run directories (``config.yaml`` + ``metrics.csv``, or the W&B offline files when the
+CSV is missing), from sweep directories (their finished runs, see ``sweep/local.py``), or from a W&B project
+or sweep through the public API (``wandb:ENTITY/PROJECT[/SWEEP_ID]``). A table row is a setting read at a
+step: it comes from whichever run has that setting and evaluated that step, so one trajectory serves every
+step of it (Table 1), and runs of different sweeps fill each other's rows (e.g. 128 images = L1 at 2000).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+METRICS = ("psnr", "ssim", "lpips", "lpips_random")  # table columns per domain, when logged
+NAMES = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "lpips_random": "LPIPS (untrained net)"}
+DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4, "lpips_random": 4}  # the study's precision
+KEY = re.compile(
+    r"^(val|forget)/([^/]+)/((?:bicubic_)?(?:psnr|ssim|lpips|lpips_random|consistency|diversity))$"
+)
+
+# The study: the fine-tuning setup of configs/finetune_anime.yaml and what each table varies.
+BASE = {"objective": "diffusion", "loss": "l1", "limit": 128, "t_min": 1, "t_max": 2000}
+STEPS = {"l1": (400, 1200, 1600, 2000, 4000, 12000), "l2": (400, 2000, 6000, 8000, 12000, 18000)}
+DATA_SIZES = (8, 16, 32, 64, 128)
+T_RANGES = ((1, 2000), (1, 100), (1, 500), (1, 1000), (1000, 2000), (1500, 2000), (1900, 2000))
+FORGET_STEPS = (2000, 4000, 12000)
+SETTING_NAMES = {"loss": "loss", "limit": "images", "t_min": "t_min", "t_max": "t_max"}  # run labels
+
+
+@dataclass
+class Run:
+    """One finished run: its settings, the steps it was asked to evaluate, and metrics per evaluated step."""
+
+    name: str
+    source: str
+    settings: dict[str, Any]
+    listed_steps: list[int]
+    original_domains: list[str]
+    evals: dict[int, dict[str, float]]  # global step -> {val/..., forget/...}
+    seconds: float | None = None
+    label: str = ""
+
+    @property
+    def domains(self) -> list[str]:
+        keys = [k for step in sorted(self.evals) for k in self.evals[step]]
+        return list(dict.fromkeys(KEY.match(k).group(2) for k in keys if k.startswith("val/")))
+
+
+@dataclass
+class Row:
+    label: str
+    run: Run | None
+    step: int | None
+    keys: dict[str, str]  # column id -> logged key
+    values: dict[str, float] = field(default_factory=dict)  # column id -> value
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[tuple[str, str, int]]  # (column id, header, digits)
+    rows: list[Row]
+    missing: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def settings_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The study's knobs from a resolved fit config (t_max None = T)."""
+    model, trainer = config.get("model") or {}, config.get("trainer") or {}
+    train = (config.get("data") or {}).get("train") or {}
+    return {
+        "objective": model.get("objective", "diffusion"),
+        "loss": model.get("loss", "l1"),
+        "limit": train.get("limit"),
+        "t_min": model.get("t_min", 1),
+        "t_max": model.get("t_max") or model.get("num_timesteps", 2000),
+        "max_steps": trainer.get("max_steps"),
+    }
+
+
+def domain_eval_args(config: dict[str, Any]) -> dict[str, Any]:
+    for cb in (config.get("trainer") or {}).get("callbacks") or []:
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("DomainEval"):
+            return cb.get("init_args") or {}
+    return {}
+
+
+def listed_steps(config: dict[str, Any]) -> list[int]:
+    """The steps DomainEval was asked for: at_steps, multiples of every_n_steps, and the end."""
+    args, max_steps = domain_eval_args(config), (config.get("trainer") or {}).get("max_steps") or 0
+    steps = set(args.get("at_steps") or [])
+    if args.get("every_n_steps"):
+        steps |= set(range(args["every_n_steps"], max_steps + 1, args["every_n_steps"]))
+    if args.get("at_end", True) and max_steps > 0:
+        steps.add(max_steps)
+    return sorted(s for s in steps if 0 < s <= max_steps)
+
+
+def metrics_by_step(rows: Iterable[dict[str, Any]], step_key: str) -> dict[int, dict[str, float]]:
+    """DomainEval's keys per step from logged rows (CSV or W&B history); a later value wins."""
+    out: dict[int, dict[str, float]] = {}
+    for row in rows:
+        if row.get(step_key) in (None, ""):
+            continue
+        values = {k: float(v) for k, v in row.items() if KEY.match(k) and v not in (None, "")}
+        if values:
+            out.setdefault(int(float(row[step_key])), {}).update(values)
+    return {s: v for s, v in sorted(out.items()) if any(k.endswith("/psnr") for k in v)}
+
+
+def make_run(name: str, source: str, config: dict, rows: Iterable[dict], step_key: str, seconds=None) -> Run:
+    return Run(
+        name=name,
+        source=source,
+        settings=settings_of(config),
+        listed_steps=listed_steps(config),
+        original_domains=list(domain_eval_args(config).get("original_domains") or []),
+        evals=metrics_by_step(rows, step_key),
+        seconds=seconds,
+    )
+
+
+def read_run_dir(run_dir: Path, seconds: float | None = None) -> Run:
+    """A local run: ``config.yaml``, the offline W&B history of each segment, then ``metrics.csv``.
+
+    Both logs hold the same numbers; reading both keeps the early steps of a run that was resumed (the CSV
+    logger starts its file anew on resume, while every segment keeps its own offline W&B run).
+    """
+    from sr3_lightning.wandb_offline import read_history
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    rows = []
+    for segment in sorted(run_dir.glob("wandb/offline-run-*"), key=lambda p: p.name):
+        if any(segment.glob("run-*.wandb")):
+            rows += [{"step": r.get("trainer/global_step"), **r} for r in read_history(segment)]
+    if (run_dir / "metrics.csv").is_file():
+        with (run_dir / "metrics.csv").open(newline="") as f:
+            rows += list(csv.DictReader(f))
+    return make_run(run_dir.name, str(run_dir), config, rows, "step", seconds)
+
+
+def _local_runs(path: Path, depth: int = 0) -> list[Run]:
+    from sr3_lightning.sweep.local import read_records
+
+    if (path / "config.yaml").is_file():
+        return [read_run_dir(path)]
+    records = read_records(path)
+    if records:  # a local sweep directory: its finished runs only
+        done = {r["run_id"]: r for r in records if r["state"] == "finished"}
+        unfinished = [p.name for p in path.iterdir() if (p / "config.yaml").is_file() and p.name not in done]
+        if unfinished:
+            log.warning("%s: skipping %d unfinished run(s): %s", path, len(unfinished), ", ".join(unfinished))
+        return [read_run_dir(path / rid, r.get("seconds")) for rid, r in sorted(done.items())]
+    if depth >= 3 or not path.is_dir():
+        return []
+    return [
+        run for child in sorted(path.iterdir()) if child.is_dir() for run in _local_runs(child, depth + 1)
+    ]
+
+
+def _wandb_runs(path: str) -> list[Run]:
+    """Finished runs of ``ENTITY/PROJECT`` or ``ENTITY/PROJECT/SWEEP_ID`` from the W&B server."""
+    import wandb
+
+    api = wandb.Api()
+    found = api.sweep(path).runs if path.count("/") == 2 else api.runs(path)
+    runs = []
+    for r in found:
+        if r.state == "finished":
+            config, seconds = r.config.get("config") or {}, r.summary.get("_runtime")
+            source = f"wandb:{'/'.join(r.path)}"
+            runs.append(make_run(r.name, source, config, r.scan_history(), "trainer/global_step", seconds))
+    return runs
+
+
+def load_runs(sources: list[str]) -> list[Run]:
+    """Every finished run under the given directories / ``wandb:`` paths, each once, labelled."""
+    runs: dict[str, Run] = {}
+    for source in sources:
+        if source.startswith("wandb:"):
+            found = _wandb_runs(source.removeprefix("wandb:"))
+        elif not Path(source).exists():
+            raise FileNotFoundError(
+                f"{source} does not exist (a run directory, a sweep directory or wandb:E/P)"
+            )
+        else:
+            found = _local_runs(Path(source))
+        if not found:
+            raise FileNotFoundError(f"no finished runs with metrics under {source}")
+        runs.update({str(Path(r.source).resolve()) if ":" not in r.source else r.source: r for r in found})
+    out = [r for r in runs.values() if r.evals]
+    varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in out}) > 1]
+    for r in out:
+        r.label = ", ".join(f"{SETTING_NAMES[k]}={r.settings[k]}" for k in varying) or r.name
+    labels = [(r.label, r.settings["objective"]) for r in out]
+    for r in out:
+        r.label += f" ({r.name})" if labels.count((r.label, r.settings["objective"])) > 1 else ""
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- tables
+Found = list[tuple[str, Run | None, int]]  # (row label, the run that has it or None, step)
+
+
+def _find(runs: list[Run], wanted: list[tuple[str, dict, int]], used: set[int]) -> Found:
+    found = []
+    for label, match, step in wanted:
+        run = next(
+            (r for r in runs if step in r.evals and all(r.settings.get(k) == v for k, v in match.items())),
+            None,
+        )
+        if run is not None:
+            used.add(id(run))
+        found.append((label, run, step))
+    return found
+
+
+def _pick(values: dict[str, float], keys: dict[str, str]) -> dict[str, float]:
+    return {c: values[k] for c, k in keys.items() if k in values}
+
+
+def _metric_row(
+    label: str, run: Run, step: int, columns: list[tuple[str, str, int]], prefix: str = ""
+) -> Row:
+    keys = {col: f"val/{col.split('/')[0]}/{prefix}{col.split('/')[1]}" for col, _, _ in columns}
+    return Row(label, run, step, keys, _pick(run.evals[step], keys))
+
+
+def _domain_table(title: str, found: Found, runs: list[Run]) -> Table:
+    """Rows = settings read at their step, after bicubic and step 0 (before fine-tuning); then regression."""
+    present = [(label, run, step) for label, run, step in found if run is not None]
+    if not present:
+        return Table(title, [], [])
+    first = present[0][1]
+    columns = [
+        (f"{d}/{m}", f"{d} {NAMES[m]}", DIGITS[m])
+        for d in first.domains
+        for m in METRICS
+        if any(f"val/{d}/{m}" in e for e in first.evals.values())
+    ]
+    rows = [_metric_row("Bicubic", first, min(first.evals), columns, prefix="bicubic_")]
+    if 0 in first.evals:
+        rows.append(_metric_row("Step 0 (before fine-tuning)", first, 0, columns))
+    rows += [_metric_row(label, run, step, columns) for label, run, step in present]
+    for run in runs:
+        if run.settings["objective"] == "regression":
+            step = max(run.evals)
+            rows.append(_metric_row(f"Regression ({run.label}, {step} steps)", run, step, columns))
+    return Table(title, columns, rows, [label for label, run, _ in found if run is None])
+
+
+def _forgetting_table(runs: list[Run], used: set[int]) -> Table:
+    """Table 4: each original domain at step 0 and after the listed steps, with the change since step 0."""
+    title = "Table 4: forgetting on the original domains (L1, 128 images)"
+    found = _find(runs, [(f"after {s} steps", BASE, s) for s in FORGET_STEPS], used)
+    present = [(step, run) for _, run, step in found if run is not None and run.original_domains]
+    if not present:
+        return Table(title, [], [])
+    last_step, last = present[-1]
+    metrics = [m for m in METRICS if any(k.endswith(f"/{m}") for k in last.evals[last_step])]
+    columns = [(m, NAMES[m], DIGITS[m]) for m in metrics]
+    columns += [(f"d_{m}", f"Δ{NAMES[m]}", DIGITS[m]) for m in metrics]
+    rows = []
+    for domain in last.original_domains:
+        first = present[0][1]
+        bicubic = {m: f"val/{domain}/bicubic_{m}" for m in metrics}
+        rows.append(
+            Row(f"{domain}: bicubic", first, last_step, bicubic, _pick(last.evals[last_step], bicubic))
+        )
+        if 0 in first.evals:
+            keys = {m: f"val/{domain}/{m}" for m in metrics}
+            rows.append(Row(f"{domain}: step 0", first, 0, keys, _pick(first.evals[0], keys)))
+        for step, run in present:
+            keys = {m: f"val/{domain}/{m}" for m in metrics} | {
+                f"d_{m}": f"forget/{domain}/{m}" for m in metrics
+            }
+            rows.append(Row(f"{domain}: after {step} steps", run, step, keys, _pick(run.evals[step], keys)))
+    return Table(title, columns, rows, [label for label, run, _ in found if run is None])
+
+
+def build_tables(runs: list[Run]) -> list[Table]:
+    """Tables 1-4 of the study (the rows found in the runs), then every other run at its listed steps."""
+    used: set[int] = set()
+    runs = sorted(runs, key=lambda r: r.source)
+    t1 = [
+        (f"{loss.upper()}, {s} steps", BASE | {"loss": loss}, s)
+        for loss, steps in STEPS.items()
+        for s in steps
+    ]
+    t2 = [(f"{n} images", BASE | {"limit": n}, 2000) for n in DATA_SIZES]
+    t3 = [(f"t in [{a}, {b}]", BASE | {"t_min": a, "t_max": b}, 2000) for a, b in T_RANGES]
+    tables = [
+        _domain_table(
+            "Table 1: fine-tuning steps and loss (128 images, t in [1, 2000])", _find(runs, t1, used), runs
+        ),
+        _domain_table("Table 2: training images (L1, 2000 steps)", _find(runs, t2, used), runs),
+        _domain_table("Table 3: timestep range (L1, 128 images, 2000 steps)", _find(runs, t3, used), runs),
+        _forgetting_table(runs, used),
+    ]
+    others = [r for r in runs if id(r) not in used and r.settings["objective"] != "regression"]
+    found = [
+        (f"{r.label}, {s} steps", r if s in r.evals else None, s)
+        for r in others
+        for s in r.listed_steps or sorted(r.evals)[1:]
+    ]
+    tables.append(_domain_table("Other runs, each at its listed steps", found, runs))
+    return [t for t in tables if t.rows]
+
+
+# ------------------------------------------------------------------------------------------------- output
+def _fmt(value: float | None, digits: int, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def table_markdown(table: Table) -> str:
+    head = "| Setting | " + " | ".join(h for _, h, _ in table.columns) + " |"
+    rule = "|---|" + "---:|" * len(table.columns)
+    body = [
+        f"| {row.label} | "
+        + " | ".join(_fmt(row.values.get(c), d, signed=c.startswith("d_")) for c, _, d in table.columns)
+        + " |"
+        for row in table.rows
+    ]
+    text = "\n".join([f"### {table.title}", "", head, rule, *body])
+    if table.missing:
+        text += "\n\nNot in these runs: " + ", ".join(table.missing) + "."
+    return text
+
+
+def write_csv(tables: list[Table], path: Path) -> None:
+    """Every number of the tables, unrounded, with the run, step and logged key it was read from."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["table", "row", "run", "step", "key", "value"])
+        for table in tables:
+            for row in table.rows:
+                for col, _, _ in table.columns:
+                    if col in row.values:
+                        source = row.run.source if row.run else ""
+                        writer.writerow(
+                            [table.title, row.label, source, row.step, row.keys[col], row.values[col]]
+                        )
+
+
+def plot_metrics(runs: list[Run], out: Path) -> list[Path]:
+    """Per domain: each metric against steps, one line per run (bicubic dashed); per original domain: the
+    forget/* deltas against steps. Returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    domains = list(dict.fromkeys(d for r in runs for d in r.domains))
+    originals = list(dict.fromkeys(d for r in runs for d in r.original_domains))
+    for kind, prefix, names in (("metrics", "val", domains), ("forgetting", "forget", originals)):
+        for domain in names:
+            metrics = [
+                m
+                for m in METRICS
+                if any(f"{prefix}/{domain}/{m}" in e for r in runs for e in r.evals.values())
+            ]
+            if not metrics:
+                continue
+            fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.6), squeeze=False)
+            for ax, metric in zip(axes[0], metrics):
+                key = f"{prefix}/{domain}/{metric}"
+                for run in runs:
+                    points = [(s, e[key]) for s, e in sorted(run.evals.items()) if key in e]
+                    if points:
+                        regression = run.settings["objective"] == "regression"
+                        label = f"{run.label} (regression)" if regression else run.label
+                        ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+                bicubic_key = f"val/{domain}/bicubic_{metric}"
+                bicubic = [e[bicubic_key] for r in runs for e in r.evals.values() if bicubic_key in e]
+                if kind == "metrics" and bicubic:
+                    ax.axhline(bicubic[0], color="gray", linestyle="--", linewidth=1, label="bicubic")
+                if kind == "forgetting":
+                    ax.axhline(0.0, color="gray", linewidth=0.8)
+                ax.set_xlabel("fine-tuning steps")
+                ax.set_title(f"{domain} {'Δ' if kind == 'forgetting' else ''}{NAMES[metric]}")
+                ax.grid(alpha=0.3)
+            axes[0][-1].legend(fontsize=7)
+            fig.tight_layout()
+            paths.append(out / f"{kind}_{domain}.png")
+            fig.savefig(paths[-1], dpi=100)
+            plt.close(fig)
+    return paths
+
+
+def write_report(runs: list[Run], out: Path) -> Path:
+    """``report.md`` (tables, plots, cost), ``report.csv`` and the PNG plots in ``out``; returns report.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(runs)
+    write_csv(tables, out / "report.csv")
+    plots = plot_metrics(runs, out)
+    lines = ["# SR3 fine-tuning study", "", f"{len(runs)} finished run(s):", ""]
+    lines += [
+        f"- `{r.label}`{' (regression)' if r.settings['objective'] == 'regression' else ''}: {r.source}"
+        for r in sorted(runs, key=lambda r: r.source)
+    ]
+    lines += [
+        "",
+        "PSNR/SSIM on uint8 as the reference computes them; LPIPS lower is better. Δ = change since",
+    ]
+    lines += ["step 0 (negative PSNR/SSIM, positive LPIPS = forgetting). Every number: `report.csv`.", ""]
+    lines += [table_markdown(t) + "\n" for t in tables]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    timed = [r for r in runs if r.seconds]
+    if timed:
+        hours = sum(r.seconds for r in timed) / 3600
+        lines += [
+            "",
+            "## Cost",
+            "",
+            f"{len(timed)} timed run(s), one device each: {hours:.2f} device-hours.",
+            "",
+        ]
+        lines += ["| Run | steps | hours | s/step (with evaluations) |", "|---|---:|---:|---:|"]
+        for r in timed:
+            steps = r.settings["max_steps"] or 0
+            per_step = f"{r.seconds / steps:.3f}" if steps else "–"
+            lines.append(f"| {r.label} | {steps} | {r.seconds / 3600:.2f} | {per_step} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,290 @@
+"""Local backend: run a sweep without a W&B server, choosing runs with W&B's own sweep engine.
+
+The ``sweeps`` package (the engine behind W&B's sweep server) proposes each next run from the sweep YAML and
+the runs so far (grid, random or bayes). Each run executes the sweep's command exactly as ``wandb agent``
+builds it (same macros, same ``--key=value`` flags), one per GPU or one after another, with W&B offline
+beside the CSV log. Finished runs are appended to ``SWEEP_DIR/runs.jsonl``; a relaunch skips them and redoes
+any run that was cut off (from its last checkpoint, since ``fit`` resumes by default), so a killed
+sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sr3_lightning.sweep.spec import Sweep, expand_envvars, parameter_flags, sweep_engine
+
+log = logging.getLogger(__name__)
+
+RECORDS = "runs.jsonl"  # one JSON object per ended run: run_id, params, state, exit_code, seconds, ...
+POLL_S = 0.5
+STOP_GRACE_S = 60  # after a stop signal, runs get this long to exit before they are killed
+
+
+def run_id_for(params: dict[str, Any]) -> str:
+    """A readable, stable id for a parameter set (also the W&B run id and the run directory's name)."""
+    slug = "-".join(_slug(v) for v in params.values())[:48].strip("-") or "run"
+    digest = hashlib.md5(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"{slug}-{digest}"
+
+
+def _slug(value: Any) -> str:
+    if isinstance(value, dict):
+        return "-".join(f"{k.split('.')[-1]}{_slug(v)}" for k, v in value.items())
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", str(value))
+
+
+def build_command(sweep: Sweep, params: dict[str, Any]) -> list[str]:
+    """The command ``wandb agent`` runs for these parameters, with ``python`` = this interpreter."""
+    macros = {
+        "${env}": ["/usr/bin/env"],
+        "${interpreter}": [sys.executable],
+        "${program}": [str(sweep.config.get("program", ""))],
+        "${args}": parameter_flags(params),
+    }
+    out: list[str] = []
+    for chunk in expand_envvars([str(c) for c in sweep.config["command"]]):
+        if chunk in macros:
+            out += macros[chunk]
+        elif chunk.startswith("${") and chunk.endswith("}"):
+            raise ValueError(
+                f"{sweep.path}: the local backend does not support the {chunk} macro; use ${{args}}"
+            )
+        else:
+            out.append(sys.executable if chunk == "python" else chunk)
+    return out
+
+
+def read_records(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Ended runs recorded in ``sweep_dir/runs.jsonl`` (a line cut off by a crash is ignored)."""
+    path = Path(sweep_dir) / RECORDS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: ignoring an incomplete line", path)
+    return records
+
+
+def _append_record(sweep_dir: Path, record: dict[str, Any]) -> None:
+    with (sweep_dir / RECORDS).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _claim(sweep_dir: Path, sweep: Sweep) -> None:
+    """Keep a copy of the sweep in its directory; refuse to resume a directory started by another sweep."""
+    copy = sweep_dir / "sweep.yaml"
+    if copy.is_file():
+        if yaml.safe_load(copy.read_text()) != sweep.config:
+            raise ValueError(
+                f"{sweep_dir} holds runs of a different sweep (see {copy}); pass another --dir, or delete it"
+            )
+        return
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    copy.write_text(yaml.safe_dump(sweep.config, sort_keys=False))
+
+
+def _last_value(run_dir: Path, name: str) -> float | None:
+    """The last logged value of a metric in ``run_dir/metrics.csv`` (what the sweep optimises)."""
+    value = None
+    path = run_dir / "metrics.csv"
+    if path.is_file():
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get(name):
+                    value = float(row[name])
+    return value
+
+
+@dataclass
+class _Trial:
+    run_id: str
+    params: dict[str, Any]
+    device: str | None
+    proc: subprocess.Popen
+    log_path: Path
+    started: float = field(default_factory=time.monotonic)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop then stops starting runs and ends the running ones."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+
+def run_local(
+    sweep: Sweep, sweep_dir: Path, devices: list[str] | None = None, count: int | None = None
+) -> list[dict[str, Any]]:
+    """Run the sweep's remaining runs; returns the records of the runs that ended in this launch.
+
+    devices: CUDA_VISIBLE_DEVICES values, one concurrent run each; None runs one at a time on whatever
+    device ``fit`` picks. count: start at most this many runs in this launch (needed for random/bayes).
+    """
+    sweeps = sweep_engine()
+    if sweep.method != "grid" and count is None:
+        raise ValueError(f"{sweep.path}: a {sweep.method} sweep never ends by itself; pass --count N")
+    sweep_dir = Path(sweep_dir).resolve()
+    _claim(sweep_dir, sweep)
+    metric = (sweep.config.get("metric") or {}).get("name")
+    finished = {r["run_id"]: r for r in read_records(sweep_dir) if r["state"] == "finished"}
+    if finished:
+        log.info("%s: %d finished run(s) are kept and skipped", sweep_dir, len(finished))
+
+    def as_run(record: dict[str, Any], state: str) -> Any:
+        summary = {metric: record["metric"]} if metric and record.get("metric") is not None else {}
+        config = {k: {"value": v} for k, v in record["params"].items()}
+        return sweeps.SweepRun(name=record["run_id"], config=config, state=state, summary_metrics=summary)
+
+    known = [as_run(r, "finished") for r in finished.values()]
+    slots: list[str | None] = list(devices) if devices else [None]
+    running: dict[str | None, _Trial] = {}
+    ended: list[dict[str, Any]] = []
+    started, exhausted, stop_since = 0, False, None
+    with _StopFlag() as stop:
+        while True:
+            for slot in slots:
+                if slot in running or stop.signum or exhausted or (count is not None and started >= count):
+                    continue
+                busy = [as_run({"run_id": t.run_id, "params": t.params}, "running") for t in running.values()]
+                suggestion = sweeps.next_run(sweep.config, known + busy)
+                if suggestion is None:
+                    exhausted = True
+                    continue
+                params = {k: v["value"] for k, v in suggestion.config.items()}
+                taken = {r.name for r in known} | {t.run_id for t in running.values()}
+                running[slot] = _start(sweep, sweep_dir, params, slot, taken)
+                started += 1
+            if not running:
+                break
+            time.sleep(POLL_S)
+            if stop.signum and stop_since is None:
+                stop_since = time.monotonic()
+                log.warning(
+                    "stopping: ending %d running run(s); they will be redone on relaunch", len(running)
+                )
+                for trial in running.values():
+                    trial.proc.send_signal(signal.SIGTERM)
+            if stop_since is not None and time.monotonic() - stop_since > STOP_GRACE_S:
+                for trial in running.values():
+                    trial.proc.kill()
+            for slot, trial in list(running.items()):
+                code = trial.proc.poll()
+                if code is None:
+                    continue
+                del running[slot]
+                record = _end(sweep_dir, trial, code, metric, stopped=stop.signum is not None)
+                if record is not None:
+                    ended.append(record)
+                    known.append(as_run(record, record["state"]))
+    if stop.signum:
+        log.warning("sweep stopped by signal %d; run the same command again to resume", stop.signum)
+        raise SystemExit(128 + stop.signum)
+    _summarise(sweep_dir, ended, exhausted)
+    return ended
+
+
+def _start(
+    sweep: Sweep, sweep_dir: Path, params: dict[str, Any], device: str | None, taken: set[str]
+) -> _Trial:
+    run_id, n = run_id_for(params), 1
+    while run_id in taken:  # random search may propose the same values twice: a new run, not a resume
+        n += 1
+        run_id = f"{run_id_for(params)}-{n}"
+    run_dir = sweep_dir / run_id
+    if run_dir.exists():  # cut off by a kill: fit resumes from its checkpoint, or it starts again
+        from sr3_lightning.checkpoint_io import find_resume_checkpoint
+
+        if find_resume_checkpoint(run_dir) is None:
+            log.warning("redoing %s from the start: it was cut off before its first checkpoint", run_id)
+            shutil.rmtree(run_dir)
+        else:
+            log.warning("continuing %s from its last checkpoint: it was cut off", run_id)
+    command = [*build_command(sweep, params), "--tracking.mode=offline", f"--tracking.group={sweep.name}"]
+    env = {**os.environ, "WANDB_RUN_ID": run_id, "SR3_SWEEP_DIR": str(sweep_dir), "WANDB_MODE": "offline"}
+    env.pop("WANDB_SWEEP_ID", None)  # not an agent run: nothing to report to a server
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    log_path = sweep_dir / "logs" / f"{run_id}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    where = "CPU/default device" if device is None else f"GPU {device}"
+    log.info("start %s on %s: %s (log: %s)", run_id, where, " ".join(parameter_flags(params)), log_path)
+    return _Trial(run_id, params, device, proc, log_path)
+
+
+def _end(
+    sweep_dir: Path, trial: _Trial, code: int, metric: str | None, stopped: bool
+) -> dict[str, Any] | None:
+    """Record a run that ended by itself (finished or failed); a run ended by a stop is left to redo."""
+    seconds = round(time.monotonic() - trial.started, 1)
+    if stopped:
+        log.info("%s ended by the stop (exit %d): not recorded, redone on relaunch", trial.run_id, code)
+        return None
+    run_dir = sweep_dir / trial.run_id
+    record = {
+        "run_id": trial.run_id,
+        "params": trial.params,
+        "state": "finished" if code == 0 else "failed",
+        "exit_code": code,
+        "seconds": seconds,
+        "device": trial.device,
+        "run_dir": str(run_dir),
+        "metric": _last_value(run_dir, metric) if metric and code == 0 else None,
+    }
+    _append_record(sweep_dir, record)
+    if code == 0:
+        log.info("finished %s in %.0f s", trial.run_id, seconds)
+    else:
+        tail = "".join(collections.deque(trial.log_path.open(errors="replace"), maxlen=15))
+        log.error("FAILED %s (exit %d); last lines of %s:\n%s", trial.run_id, code, trial.log_path, tail)
+    return record
+
+
+def _summarise(sweep_dir: Path, ended: list[dict[str, Any]], exhausted: bool) -> None:
+    records = read_records(sweep_dir)
+    done = {r["run_id"] for r in records if r["state"] == "finished"}
+    failed = [r["run_id"] for r in ended if r["state"] == "failed"]
+    log.info(
+        "%s: %d run(s) ended in this launch, %d finished in total%s%s",
+        sweep_dir,
+        len(ended),
+        len(done),
+        "; the search space is exhausted" if exhausted else "",
+        f"; FAILED (retried on relaunch): {', '.join(failed)}" if failed else "",
+    )

@@ -1,0 +1,179 @@
+"""Load a W&B sweep YAML, check it is a valid sweep, and check every parameter against the ``fit`` CLI.
+
+A sweep file is standard W&B sweep YAML whose ``command`` runs ``python -m sr3_lightning fit ... ${args}``.
+The W&B agent (and the local backend, which builds the command with the agent's own functions) turns each
+run's parameters into ``--key=value`` flags, so a parameter is accepted exactly when ``fit`` accepts
+``--key=value``: we parse those flags with the real LightningCLI parser, without instantiating anything,
+before any run starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RUN_DIR_VARIABLE = "$WANDB_RUN_ID"  # the command must give each run its own directory (see sweeps/*.yaml)
+ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")  # W&B's environment macro in a sweep command
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A sweep file: its W&B config as written and the fixed arguments its command gives ``fit``."""
+
+    path: Path
+    config: dict[str, Any]
+    fit_args: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+
+def sweep_engine() -> Any:
+    """W&B's open-source sweep engine (the ``sweeps`` package), imported without its pydantic warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import sweeps
+    return sweeps
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file; ValueError names the file and what is wrong."""
+    sweeps = sweep_engine()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {path} does not exist (the study sweeps are in sweeps/)")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a W&B sweep: expected a mapping with method, parameters, command")
+    problems = sweeps.schema_violations_from_proposed_config(config)
+    if problems:
+        raise ValueError(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
+    return Sweep(path, config, _fit_args(path, config.get("command")))
+
+
+def _fit_args(path: Path, command: Any) -> list[str]:
+    """The arguments after ``sr3_lightning fit`` in the command, without the ``${args}`` macro."""
+    hint = (
+        "use e.g. [${env}, sh, -c, 'exec \"$@\" --trainer.default_root_dir=runs/NAME/$WANDB_RUN_ID', sh, "
+        "python, -m, sr3_lightning, fit, --config, configs/finetune_anime.yaml, ${args}]"
+    )
+    if not isinstance(command, list) or not all(isinstance(c, str | int | float) for c in command):
+        raise ValueError(f"{path}: `command` must be a list of strings; {hint}")
+    command = [str(c) for c in command]
+    starts = [i for i in range(len(command) - 1) if command[i : i + 2] == ["sr3_lightning", "fit"]]
+    if not starts:
+        raise ValueError(f"{path}: the command does not run `sr3_lightning fit`; {hint}")
+    rest = command[starts[0] + 2 :]
+    if "${args}" not in rest:
+        raise ValueError(
+            f"{path}: the command must end its fit arguments with ${{args}} (--key=value flags); {hint}"
+        )
+    if not any(RUN_DIR_VARIABLE in c for c in command):
+        raise ValueError(
+            f"{path}: the command gives every run the same directory; put each run in its own with "
+            f"--trainer.default_root_dir=.../{RUN_DIR_VARIABLE} inside a shell; {hint}"
+        )
+    return [c for c in rest if c != "${args}"]
+
+
+def expand_envvars(args: list[str]) -> list[str]:
+    """Replace W&B's ``${envvar:NAME}`` macros, as the agent does, but fail on unset variables."""
+    missing = sorted({m for a in args for m in ENVVAR.findall(a) if m not in os.environ})
+    if missing:
+        raise ValueError(f"the sweep command uses ${{envvar:{missing[0]}}} but {missing[0]} is not set")
+    return [ENVVAR.sub(lambda m: os.environ[m.group(1)], a) for a in args]
+
+
+def parameter_flags(params: dict[str, Any]) -> list[str]:
+    """``--key=value`` flags for one run's parameters, built by the W&B agent's own function."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    return create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})["args"]
+
+
+def _candidates(spec: dict[str, Any]) -> list[Any]:
+    """Values a parameter can take that are worth checking: all listed values, or the range's ends."""
+    if "value" in spec:
+        return [spec["value"]]
+    if "values" in spec:
+        return list(spec["values"])
+    if "parameters" in spec:  # nested: the agent passes a dict
+        nested = {k: _candidates(v) for k, v in spec["parameters"].items()}
+        n = max(len(v) for v in nested.values())
+        return [{k: v[i % len(v)] for k, v in nested.items()} for i in range(n)]
+    if "min" in spec and "max" in spec:
+        return [spec["min"], spec["max"]]
+    return []
+
+
+class _ParserBuilt(Exception):
+    def __init__(self, parser: Any) -> None:
+        super().__init__()
+        self.parser = parser
+
+
+@functools.cache
+def fit_parser() -> Any:
+    """The real ``python -m sr3_lightning`` parser (SR3CLI), built once without instantiating anything."""
+    from sr3_lightning.cli import SR3CLI
+
+    class ParserOnly(SR3CLI):
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            raise _ParserBuilt(parser)
+
+    try:
+        ParserOnly(args=[])
+    except _ParserBuilt as built:
+        return built.parser
+    raise RuntimeError("SR3CLI did not reach parse_arguments")
+
+
+def parse_fit(args: list[str]) -> Any:
+    """Parse ``fit ARGS`` like ``python -m sr3_lightning`` does; ValueError with the parser's message."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return fit_parser().parse_args(["fit", *args]).fit
+    except SystemExit:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        start = next((i for i, line in enumerate(lines) if line.startswith("error:")), len(lines) - 1)
+        raise ValueError(" ".join(line.strip() for line in lines[start:]).removeprefix("error: ")) from None
+
+
+def check_parameters(sweep: Sweep) -> Any:
+    """Parse the sweep's fit command with every parameter value (combined row by row) before any run.
+
+    Returns the resolved fit config of the first combination (a jsonargparse Namespace).
+    """
+    base = expand_envvars(sweep.fit_args)
+    candidates = {name: _candidates(spec) for name, spec in sweep.config["parameters"].items()}
+    n = max((len(v) for v in candidates.values() if v), default=0)
+    first = None
+    for i in range(max(n, 1)):
+        params = {name: vals[i % len(vals)] for name, vals in candidates.items() if vals}
+        flags = parameter_flags(params)
+        try:
+            cfg = parse_fit([*base, *flags])
+        except ValueError as err:
+            raise ValueError(
+                f"{sweep.path}: `fit` does not accept the sweep's arguments {' '.join(flags)}: {err}"
+            ) from None
+        first = first if first is not None else cfg
+    return first

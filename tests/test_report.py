@@ -1,0 +1,159 @@
+"""The report lays runs out as the study's Tables 1-4: each row read at its step from whichever run has that
+setting, with bicubic, step-0 and regression rows, at the study's precision, plus CSV and plots.
+
+The runs here are run directories written the way a finished run leaves them (``config.yaml`` as saved by
+``fit``, ``metrics.csv`` with the CSV logger's columns); the end-to-end path from real runs is in
+``test_sweep.py``.
+"""
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sr3_lightning import report
+from sr3_lightning.cli import cli_main
+
+DOMAINS = ("anime", "ffhq", "celebahq")
+METRICS = ("psnr", "ssim", "lpips", "consistency")
+
+
+def value(run: str, step: int, domain: str, metric: str) -> float:
+    """A distinct, reproducible number per run/step/key."""
+    return (sum(map(ord, run + domain + metric)) % 97) / 7.0 + step / 1e4 + 0.123456
+
+
+def write_run(
+    root: Path,
+    name: str,
+    *,
+    loss="l1",
+    limit=128,
+    t=(1, None),
+    objective="diffusion",
+    max_steps=2000,
+    at_steps=(400, 1200, 1600, 2000),
+) -> Path:
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    config = {
+        "model": {"loss": loss, "t_min": t[0], "t_max": t[1], "objective": objective, "num_timesteps": 2000},
+        "data": {"train": {"domain": "anime", "shards": "data/shards/anime", "limit": limit}},
+        "trainer": {
+            "max_steps": max_steps,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"save_last": True},
+                },
+                {
+                    "class_path": "sr3_lightning.callbacks.DomainEval",
+                    "init_args": {"at_steps": list(at_steps), "original_domains": ["ffhq", "celebahq"]},
+                },
+            ],
+        },
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    keys = [f"val/{d}/{p}{m}" for d in DOMAINS for p in ("", "bicubic_") for m in METRICS]
+    keys += [f"forget/{d}/{m}" for d in ("ffhq", "celebahq") for m in METRICS]
+    with (run_dir / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["step", "train/loss", "val/anime/loss", *keys])
+        writer.writeheader()
+        for step in (0, *at_steps):
+            writer.writerow({"step": step, "val/anime/loss": 0.5})  # the validation loop's own row
+            row = {"step": step}
+            for key in keys:
+                kind, domain, metric = key.split("/")
+                if metric.startswith("bicubic"):  # lr_up vs HR: the same at every step
+                    row[key] = value("bicubic", 0, domain, metric)
+                else:
+                    run = name if step else "pretrained"
+                    row[key] = value(run, step, domain, metric) * (-0.01 if kind == "forget" else 1)
+            writer.writerow(row)
+            writer.writerow({"step": step, "train/loss": 0.1})
+    return run_dir
+
+
+@pytest.fixture
+def study_runs(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    union = sorted(set(report.STEPS["l1"] + report.STEPS["l2"]))
+    write_run(root / "steps", "l1", max_steps=18000, at_steps=union)
+    write_run(root / "steps", "l2", loss="l2", max_steps=18000, at_steps=union)
+    write_run(root / "data", "limit8", limit=8)
+    write_run(root / "timesteps", "t1-100", t=(1, 100))
+    write_run(root / "baselines", "regression", objective="regression")
+    return root
+
+
+def md_row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def test_report_lays_out_the_study_tables_at_their_steps(study_runs, tmp_path):
+    out = tmp_path / "report"
+    cli_main(["report", str(study_runs), "--out", str(out)])
+    text = (out / "report.md").read_text()
+    with (out / "report.csv").open() as f:
+        numbers = {(r["table"][:7], r["row"], r["key"]): r for r in csv.DictReader(f)}
+
+    def number(table: str, row: str, key: str) -> tuple[str, int, float]:
+        r = numbers[(table, row, key)]
+        return Path(r["run"]).name, int(r["step"]), float(r["value"])
+
+    # Table 1: each loss is one trajectory, read at the steps its row lists; columns per domain.
+    assert number("Table 1", "L1, 12000 steps", "val/anime/psnr") == (
+        "l1",
+        12000,
+        value("l1", 12000, "anime", "psnr"),
+    )
+    assert number("Table 1", "L2, 18000 steps", "val/ffhq/lpips")[:2] == ("l2", 18000)
+    assert not any(k[1] == "L1, 18000 steps" for k in numbers)  # not a study row
+    assert number("Table 1", "Step 0 (before fine-tuning)", "val/celebahq/ssim")[:2] == ("l1", 0)
+    assert number("Table 1", "Bicubic", "val/anime/bicubic_psnr")[2] == value(
+        "bicubic", 0, "anime", "bicubic_psnr"
+    )
+    regression = "Regression (loss=l1, images=128, t_max=2000, 2000 steps)"
+    assert number("Table 1", regression, "val/anime/psnr")[:2] == ("regression", 2000)
+    # Table 2 takes 128 images from the L1 trajectory at 2000 steps; Table 3 likewise for t in [1, 2000].
+    assert number("Table 2", "128 images", "val/anime/psnr")[:2] == ("l1", 2000)
+    assert number("Table 2", "8 images", "val/anime/psnr")[:2] == ("limit8", 2000)
+    assert "Not in these runs: 16 images, 32 images, 64 images." in text
+    assert number("Table 3", "t in [1, 100]", "val/anime/ssim")[:2] == ("t1-100", 2000)
+    assert number("Table 3", "t in [1, 2000]", "val/anime/ssim")[:2] == ("l1", 2000)
+    # Table 4: the original domains at step 0 and after 2000/4000/12000 steps, with the logged change.
+    assert number("Table 4", "ffhq: after 4000 steps", "forget/ffhq/psnr") == (
+        "l1",
+        4000,
+        value("l1", 4000, "ffhq", "psnr") * -0.01,
+    )
+    assert number("Table 4", "celebahq: bicubic", "val/celebahq/bicubic_lpips")[0] == "l1"
+    # The markdown shows the study's precision: PSNR 2 decimals, SSIM and LPIPS 4, deltas signed.
+    cells = md_row(text, "L1, 400 steps")
+    assert cells[:3] == [
+        f"{value('l1', 400, 'anime', m):.{d}f}" for m, d in (("psnr", 2), ("ssim", 4), ("lpips", 4))
+    ]
+    assert md_row(text, "ffhq: after 2000 steps")[3] == f"{value('l1', 2000, 'ffhq', 'psnr') * -0.01:+.2f}"
+    assert "| Setting | anime PSNR | anime SSIM | anime LPIPS | ffhq PSNR |" in text
+    assert "consistency" not in text.split("## Plots")[0].split("### Table 1")[1]  # not a study column
+    for plot in (
+        "metrics_anime",
+        "metrics_ffhq",
+        "metrics_celebahq",
+        "forgetting_ffhq",
+        "forgetting_celebahq",
+    ):
+        assert (out / f"{plot}.png").stat().st_size > 1000 and f"![{plot}]({plot}.png)" in text
+
+
+def test_report_errors_name_the_input(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for source, message in (
+        (tmp_path / "missing", "does not exist"),
+        (tmp_path / "empty", "no finished runs"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["report", str(source), "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
