@@ -96,11 +96,15 @@ def main(argv: list[str]) -> None:
     cli = cli_main([*fit_args, *extra])
     run_dir = Path(cli.trainer.log_dir)
     ckpt = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
-    print(
-        "\nDemo finished.\n"
-        f"  metrics CSV : {run_dir / 'metrics.csv'}\n"
-        f"  sample grids: {run_dir / 'grids'}\n"
-        f"  eval tables : {run_dir / 'eval'}\n"
-        f"  checkpoint  : {ckpt}\n"
-        f"  W&B offline : {run_dir / 'wandb'}  (upload: wandb sync {run_dir / 'wandb'}/offline-run-*)"
-    )
+    lines = [
+        "Demo finished.",
+        f"  metrics CSV : {run_dir / 'metrics.csv'}",
+        f"  sample grids: {run_dir / 'grids'}",
+        f"  eval tables : {run_dir / 'eval'}",
+        f"  checkpoint  : {ckpt}",
+    ]
+    if (run_dir / "wandb").is_dir():
+        lines.append(
+            f"  W&B offline : {run_dir / 'wandb'}  (upload: wandb sync {run_dir / 'wandb'}/offline-run-*)"
+        )
+    print("\n" + "\n".join(lines))
