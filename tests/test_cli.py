@@ -46,7 +46,7 @@ def test_fit_l2_timestep_range_then_resume_to_twice_the_steps(tiny_shards, tmp_p
     assert cli.trainer.global_step == 4
     resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == 4 and resumed["SR3DataModule"] != position
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows if r["train/loss"]] == [0, 1, 2, 3]  # earlier rows kept, none twice
     assert "val/anime/loss" in rows[0]
 

@@ -45,13 +45,14 @@ def write_crops(photo: np.ndarray, count: int, out: Path, stem: str, rng: np.ran
         Image.fromarray(photo[y : y + CROP, x : x + CROP]).save(out / f"{stem}_{i:03d}.png")
 
 
-def bundled_photos(data_dir: Path) -> dict[str, Path]:
+def bundled_photos(data_dir: Path, domains: tuple[str, ...] = tuple(DOMAINS)) -> dict[str, Path]:
     """Cut scikit-image's photographs into crops, one folder per domain; deterministic (seed 0)."""
     import skimage.data
 
     folders = {}
     rng = np.random.default_rng(0)
-    for domain, names in DOMAINS.items():
+    for domain in domains:
+        names = DOMAINS[domain]
         out = data_dir / "images" / domain
         out.mkdir(parents=True, exist_ok=True)
         for entry in names:
@@ -64,7 +65,7 @@ def bundled_photos(data_dir: Path) -> dict[str, Path]:
 
 
 def user_photos(src: Path, data_dir: Path) -> dict[str, Path]:
-    """Split a user folder: every 8th image is held out for evaluation."""
+    """Split a user folder: the last 8 images (in name order) are held out for evaluation."""
     from sr3_lightning.images import list_images
 
     files = list_images(src)
@@ -72,7 +73,7 @@ def user_photos(src: Path, data_dir: Path) -> dict[str, Path]:
         raise ValueError(f"--src {src} has {len(files)} images; the demo needs at least 16 (8 train, 8 val).")
     folders = {"train/photos": data_dir / "images/train/photos", "val/photos": data_dir / "images/val/photos"}
     for i, f in enumerate(files):
-        dest = folders["val/photos" if i % 8 == 0 else "train/photos"]
+        dest = folders["val/photos" if i >= len(files) - 8 else "train/photos"]
         dest.mkdir(parents=True, exist_ok=True)
         Image.open(f).convert("RGB").save(dest / f"{f.stem}.png")
     return folders
@@ -84,15 +85,16 @@ def main(argv: list[str]) -> None:
 
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser().parse_args(own)  # arguments after `--` go to fit, e.g. -- --trainer.max_steps=50
-    folders = user_photos(args.src, args.data_dir) if args.src else bundled_photos(args.data_dir)
+    if args.src:  # your images are the new domain; the bundled "science" crops stay the original one
+        folders = {**user_photos(args.src, args.data_dir), **bundled_photos(args.data_dir, ("val/science",))}
+    else:
+        folders = bundled_photos(args.data_dir)
     for name, folder in folders.items():
         split, domain = name.split("/")
         make_shards(
             folder, args.data_dir / "shards" / split / domain, domain, lr_size=8, hr_size=32, progress=False
         )
     fit_args = ["fit", "--config", str(args.config), f"--data.train.shards={args.data_dir / 'shards/train'}"]
-    if "val/science" not in folders:
-        fit_args.append("--data.val=[{domain: photos, shards: " + str(args.data_dir / "shards/val") + "}]")
     cli = cli_main([*fit_args, *extra])
     run_dir = Path(cli.trainer.log_dir)
     ckpt = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
