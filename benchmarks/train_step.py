@@ -1,0 +1,425 @@
+"""Training-step speed of SR3Module per fast-path combination: images/s, step time, peak memory, MFU.
+
+Run by hand (never a test); prints a table and writes JSON (default ``benchmarks/results/``):
+
+    python benchmarks/train_step.py                                # 16->128 model; batch 4 (+ largest on GPU)
+    python benchmarks/train_step.py --combos ablation --batches 4 max
+    python benchmarks/train_step.py --config tiny --combos all --exclude bf16
+
+Each row is the real training step users run: ``SR3Module.training_step`` (+ optimizer step and the
+module's hooks) under a Lightning ``Trainer`` with ``trainer.precision`` set, on a fixed in-memory batch.
+Every row runs in a fresh subprocess, so compile caches, allocator state and the peak memory of one row
+never leak into the next. Step time is the median over ``--repeats`` blocks of ``--steps`` steps, timed
+with one device synchronisation per block (so the no-sync path is measured as it runs).
+
+MFU = model FLOPs per step / step time / device peak. FLOPs are counted with
+``torch.utils.flop_counter.FlopCounterMode`` on a meta-device copy of the UNet (forward + backward;
+convolutions and matmuls, attention counted as its two matmuls). Peaks are dense tensor-core figures:
+bf16 for ``bf16-mixed`` rows, TF32 for fp32 rows (cuDNN convolutions run in TF32 by default); on CPU an
+estimate from the clock and the SIMD width (``--peak-tflops`` overrides either).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from sr3_lightning.fast_paths import find_max_batch
+from sr3_lightning.models.unet import UNet, UNetConfig
+
+RESULTS = Path(__file__).parent / "results"
+CONFIGS = {
+    "real": (UNetConfig(), 2000),  # the reference 16->128 face model, 97.8 M parameters
+    "tiny": (  # configs/demo.yaml: 8 -> 32 px, 263 k parameters
+        UNetConfig(
+            inner_channel=16,
+            norm_groups=8,
+            channel_multiplier=(1, 2, 2),
+            attn_res=(8,),
+            res_blocks=1,
+            dropout=0.0,
+            image_size=32,
+        ),
+        2000,
+    ),
+}
+# Dense peaks in TFLOPS (bf16 tensor core, tf32 tensor core), matched against torch.cuda.get_device_name
+# in this order. H100 "80GB HBM3" is the SXM part.
+GPU_PEAKS = [
+    ("H200", (989.4, 494.7)),
+    ("H100 PCIe", (756.0, 378.0)),
+    ("H100 NVL", (835.5, 417.8)),
+    ("H100", (989.4, 494.7)),
+    ("A100", (312.0, 156.0)),
+    ("L40S", (362.1, 183.2)),
+    ("L4", (121.0, 60.0)),
+    ("A10G", (70.0, 35.0)),
+    ("A10", (125.0, 62.5)),
+    ("RTX 4090", (165.2, 82.6)),
+]
+THREADS_HELP = "CPU threads (torch.set_num_threads); use 1 when other jobs load the cores (OpenMP stalls)"
+KNOBS = ("progress_bar_loss", "fused_attention", "channels_last", "fused_adam", "compile")
+LABELS = {"fused_attention": "sdpa", "channels_last": "cl", "fused_adam": "fadam", "compile": "compile"}
+
+
+# --------------------------------------------------------------------------------------------- combinations
+def row_name(c: dict) -> str:
+    parts = [
+        "bf16" if c["precision"] == "bf16-mixed" else "fp32",
+        "sync" if c["progress_bar_loss"] else "nosync",
+    ]
+    return "+".join(parts + [label for k, label in LABELS.items() if c[k]])
+
+
+def combinations(kind: str, exclude: set[str]) -> list[dict]:
+    """``ladder``: from the reference-like step (everything off, loss fetched every step) add one fast path at
+    a time; ``ablation``: the fastest combination with each path switched off in turn; ``all``: every one."""
+    base = {"precision": "32-true", "progress_bar_loss": True}
+    base |= {k: False for k in KNOBS[1:]}
+    steps = [("progress_bar_loss", False), *((k, True) for k in KNOBS[1:]), ("precision", "bf16-mixed")]
+    if kind == "ladder":
+        rows, c = [dict(base)], dict(base)
+        for k, v in steps:
+            c = {**c, k: v}
+            rows.append(c)
+    elif kind == "ablation":
+        full = dict(base)
+        for k, v in steps:
+            full[k] = v
+        rows = [full] + [{**full, k: base[k]} for k, _ in steps]
+    else:
+        rows = [
+            {"precision": p, **dict(zip(KNOBS, flags))}
+            for p in ("32-true", "bf16-mixed")
+            for flags in itertools.product([True, False], repeat=len(KNOBS))
+        ]
+    rows = [r for r in rows if not ("bf16" in exclude and r["precision"] == "bf16-mixed")]
+    rows = [r for r in rows if not any(r.get(k) for k in exclude if k in KNOBS)]
+    return list({row_name(r): r for r in rows}.values())
+
+
+# ------------------------------------------------------------------------------------------ device and FLOPs
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), "")
+    return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """Dense peak of the device for ``precision`` (see the module docstring), or None when unknown."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (bf16, tf32) in GPU_PEAKS:
+            if key in name:
+                return bf16 if precision == "bf16-mixed" else tf32
+        return None
+    info = _cpuinfo()
+    mhz = next((float(ln.split(":")[1]) for ln in info if ln.startswith("cpu MHz")), None)
+    flags = next((ln for ln in info if ln.startswith("flags")), "")
+    if mhz is None:
+        return None
+    per_cycle = (
+        64 if " avx512f" in flags else 32 if " fma" in flags else 8
+    )  # fp32 FLOPs/cycle/core, 2 FMA units
+    return torch.get_num_threads() * mhz * 1e6 * per_cycle / 1e12
+
+
+def train_flops(cfg: UNetConfig, batch: int) -> int:
+    """FLOPs of one UNet forward + backward at ``batch`` (FlopCounterMode on the meta device)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet(cfg)
+        x = torch.randn(batch, cfg.in_channel, cfg.image_size, cfg.image_size)
+        level = torch.rand(batch)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        unet(x, level).abs().mean().backward()
+    return counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------- one measurement (subprocess)
+class RepeatBatch(IterableDataset):
+    """The same batch forever: the step, not the loader, is measured."""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_batch(cfg: UNetConfig, batch: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.image_size
+    hr = torch.rand(batch, 3, s, s, generator=g) * 2 - 1
+    return {"hr": hr, "lr_up": (hr + 0.1 * torch.randn(hr.shape, generator=g)).clamp(-1, 1)}
+
+
+def make_module(config: str, combo: dict):
+    from sr3_lightning.module import SR3Module
+
+    cfg, num_timesteps = CONFIGS[config]
+    return SR3Module(unet=cfg, num_timesteps=num_timesteps, **{k: combo[k] for k in KNOBS})
+
+
+def fit_blocks(
+    module, precision: str, batch: dict, device: torch.device, warmup: int, steps: int, blocks: int
+) -> list[float]:
+    """``trainer.fit`` for warmup + steps * blocks steps; the mean step time of each block of ``steps``.
+
+    One synchronisation per block boundary; CUDA peak memory stats are reset when timing starts.
+    """
+    from lightning.pytorch import Callback, Trainer
+
+    marks: list[float] = []
+
+    class StepTimer(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx >= warmup and (batch_idx - warmup) % steps == 0:
+                synchronize(device)
+                if batch_idx == warmup and device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                marks.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            synchronize(device)
+            marks.append(time.perf_counter())
+
+    trainer = Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=precision,
+        max_steps=warmup + steps * blocks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        benchmark=device.type == "cuda",  # cuDNN autotuning, as the reference's sr.py sets it
+        callbacks=[StepTimer()],
+    )
+    loader = DataLoader(RepeatBatch(batch), batch_size=None, pin_memory=device.type == "cuda")
+    trainer.fit(module, train_dataloaders=loader)
+    return [(b - a) / steps for a, b in zip(marks, marks[1:])]
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (KiB on Linux)
+
+
+def our_step_times(
+    config: str, batch: int, combo: dict, device: torch.device, warmup: int, steps: int, repeats: int
+) -> dict:
+    """One combination in this process: per-block mean step times and peak memory."""
+    data = make_batch(CONFIGS[config][0], batch)
+    blocks = fit_blocks(make_module(config, combo), combo["precision"], data, device, warmup, steps, repeats)
+    return {"block_step_s": blocks, "peak_memory_bytes": peak_memory_bytes(device)}
+
+
+def interleaved_step_times(
+    config: str, batch: int, combos: list[dict], device: torch.device, warmup: int, steps: int, repeats: int
+) -> list[dict]:
+    """All combinations in this process, round-robin (one block each per round): on a shared or throttling
+    machine every combination sees the same conditions. Peak memory is not separable here."""
+    data = make_batch(CONFIGS[config][0], batch)
+    modules = [make_module(config, c) for c in combos]
+    times: list[list[float]] = [[] for _ in combos]
+    for _ in range(repeats):
+        for i, (combo, module) in enumerate(zip(combos, modules)):
+            times[i] += fit_blocks(module, combo["precision"], data, device, warmup, steps, 1)
+    return [{"block_step_s": t, "peak_memory_bytes": None} for t in times]
+
+
+def child(spec: dict) -> None:
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    try:
+        out = our_step_times(
+            spec["config"],
+            spec["batch"],
+            spec["combo"],
+            device,
+            spec["warmup"],
+            spec["steps"],
+            spec["repeats"],
+        )
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if "out of memory" not in str(err).lower() and not isinstance(err, torch.OutOfMemoryError):
+            raise
+        out = {"oom": True}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(spec: dict) -> dict:
+    """Run one measurement in a fresh interpreter; a process killed for memory counts as out of memory."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1][len("RESULT ") :])
+    if proc.returncode in (-9, 137):
+        return {"oom": True}
+    raise RuntimeError(f"measurement {spec} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def largest_batch(spec: dict, limit: int) -> int:
+    """Largest batch that trains 2 steps without running out of memory (compile off: same activations)."""
+    probe = {**spec, "warmup": 1, "steps": 1, "repeats": 1, "combo": {**spec["combo"], "compile": False}}
+
+    def try_batch(b: int) -> None:
+        if run_child({**probe, "batch": b}).get("oom"):
+            raise torch.OutOfMemoryError(f"batch {b}")
+
+    return find_max_batch(try_batch, start=max(8, spec["batch"]), limit=limit)
+
+
+def make_row(spec: dict, out: dict, device: torch.device, peak_override: float | None) -> dict:
+    row = {
+        "config": spec["config"],
+        "batch": spec["batch"],
+        "combo": row_name(spec["combo"]),
+        **spec["combo"],
+    }
+    if out.get("oom"):
+        return {**row, "oom": True}
+    step = statistics.median(out["block_step_s"])
+    flops = train_flops(CONFIGS[spec["config"]][0], spec["batch"])
+    peak = peak_override or peak_tflops(device, spec["combo"]["precision"])
+    memory = out["peak_memory_bytes"]
+    return {
+        **row,
+        "step_s": step,
+        "block_step_s": out["block_step_s"],
+        "images_per_s": spec["batch"] / step,
+        "peak_memory_gib": memory / 2**30 if memory is not None else None,
+        "flops_per_step": flops,
+        "peak_tflops": peak,
+        "mfu": flops / step / (peak * 1e12) if peak else None,
+    }
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    print(f"\ndevice: {device}, torch {torch.__version__}")
+    print(f"{'combination':<42} {'batch':>5} {'step s':>9} {'img/s':>8} {'peak GiB':>9} {'MFU':>6}")
+    for r in rows:
+        if r.get("oom"):
+            print(f"{r['combo']:<42} {r['batch']:>5}  out of memory")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
+        print(
+            f"{r['combo']:<42} {r['batch']:>5} {r['step_s']:>9.4f} {r['images_per_s']:>8.2f} "
+            f"{mem:>9} {mfu:>6}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=list(CONFIGS), default="real")
+    ap.add_argument(
+        "--batches", nargs="+", default=None, help="batch sizes and/or 'max' (default: 4, + max on GPU)"
+    )
+    ap.add_argument("--combos", choices=["ladder", "ablation", "all"], default="ladder")
+    ap.add_argument(
+        "--exclude", nargs="*", default=[], choices=["bf16", *KNOBS[1:]], help="drop rows using these"
+    )
+    ap.add_argument("--only", nargs="*", default=[], help="keep only these rows, e.g. fp32+nosync+sdpa+cl")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on GPU, 1 on CPU)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="steps per timed block (default 20 on GPU, 2 on CPU)"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    ap.add_argument("--max-batch-limit", type=int, default=1024)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="override the device peak used for MFU")
+    ap.add_argument(
+        "--json", type=Path, default=None, help="default: benchmarks/results/train_step-DEVICE.json"
+    )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="all combinations in one process, one block each per round (shared machines; no peak memory)",
+    )
+    ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(json.loads(args.child))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    batches = args.batches or (["4", "max"] if gpu else ["4"])
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    steps = args.steps or (20 if gpu else 2)
+    combos = combinations(args.combos, set(args.exclude))
+    combos = [c for c in combos if not args.only or row_name(c) in args.only]
+    common = {"config": args.config, "device": str(device), "warmup": warmup, "steps": steps}
+    common |= {"repeats": args.repeats, "threads": torch.get_num_threads()}
+    rows = []
+    if args.interleave:
+        if "max" in batches:
+            raise SystemExit("--interleave measures fixed batch sizes; search 'max' without it")
+        logging.disable(logging.WARNING)
+        for b in map(int, batches):
+            outs = interleaved_step_times(args.config, b, combos, device, warmup, steps, args.repeats)
+            for combo, out in zip(combos, outs):
+                rows.append(make_row({**common, "combo": combo, "batch": b}, out, device, args.peak_tflops))
+    for combo in combos if not args.interleave else []:
+        for b in batches:
+            spec = {**common, "combo": combo, "batch": 4}
+            spec["batch"] = largest_batch(spec, args.max_batch_limit) if b == "max" else int(b)
+            if spec["batch"] == 0:
+                rows.append({"config": args.config, "batch": 0, "combo": row_name(combo), "oom": True})
+                continue
+            rows.append(
+                {**make_row(spec, run_child(spec), device, args.peak_tflops), "max_batch": b == "max"}
+            )
+            print_table(rows[-1:], device_name(device))
+    print_table(rows, device_name(device))
+    out = (
+        args.json
+        or RESULTS / f"train_step-{re.sub(r'[^a-z0-9]+', '_', device.type + '_' + args.config)}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device_name(device), "torch": torch.__version__, "argv": sys.argv[1:]}
+    meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
