@@ -94,7 +94,14 @@ def main(argv: list[str]) -> None:
         make_shards(
             folder, args.data_dir / "shards" / split / domain, domain, lr_size=8, hr_size=32, progress=False
         )
-    fit_args = ["fit", "--config", str(args.config), f"--data.train.shards={args.data_dir / 'shards/train'}"]
+    val = args.data_dir / "shards/val"
+    fit_args = [
+        "fit",
+        "--config",
+        str(args.config),
+        f"--data.train.shards={args.data_dir / 'shards/train'}",
+        f"--data.val=[{{domain: photos, shards: {val}}}, {{domain: science, shards: {val}}}]",
+    ]
     cli = cli_main([*fit_args, *extra])
     run_dir = Path(cli.trainer.log_dir)
     ckpt = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
