@@ -10,6 +10,8 @@ import csv
 import logging
 import netrc
 import os
+import secrets
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -143,13 +145,15 @@ def trim_metrics_csv(run_dir: str | Path, last_step: int) -> None:
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """The W&B run id of this run directory, created once: a resumed run continues the same W&B run."""
+    """The W&B run id of this run directory, fixed at its first start so a resumed run continues the same
+    W&B run. A sweep agent's ``WANDB_RUN_ID`` wins: the run must keep the id the sweep gave it."""
     path = run_dir / "wandb_run_id.txt"
-    if path.is_file():
+    if os.environ.get("WANDB_RUN_ID"):
+        run_id = os.environ["WANDB_RUN_ID"]
+    elif path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    else:
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     path.write_text(run_id + "\n")
     return run_id
 

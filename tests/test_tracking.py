@@ -63,3 +63,13 @@ def test_wandb_logging_failures_never_stop_training(tmp_path, monkeypatch, caplo
     logger.log_metrics({"train/loss": 1.0}, step=3)
     logger.log_metrics({"train/loss": 0.5}, step=4)
     assert caplog.text.count("W&B log_metrics failed (down); training continues") == 1
+
+
+def test_wandb_run_id_is_kept_across_resumes_and_a_sweep_agent_id_wins(tmp_path, monkeypatch):
+    from sr3_lightning.tracking import wandb_run_id
+
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    first = wandb_run_id(tmp_path)
+    assert len(first) == 8 and wandb_run_id(tmp_path) == first
+    monkeypatch.setenv("WANDB_RUN_ID", "sweep123")
+    assert wandb_run_id(tmp_path / "..") == "sweep123"
