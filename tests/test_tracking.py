@@ -72,4 +72,5 @@ def test_wandb_run_id_is_kept_across_resumes_and_a_sweep_agent_id_wins(tmp_path,
     first = wandb_run_id(tmp_path)
     assert len(first) == 8 and wandb_run_id(tmp_path) == first
     monkeypatch.setenv("WANDB_RUN_ID", "sweep123")
-    assert wandb_run_id(tmp_path / "..") == "sweep123"
+    (tmp_path / "swept").mkdir()
+    assert wandb_run_id(tmp_path / "swept") == "sweep123"
