@@ -322,6 +322,7 @@ def make_row(spec: dict, out: dict, device: torch.device, peak_override: float |
     return {
         **row,
         "step_s": step,
+        "min_step_s": min(out["block_step_s"]),
         "block_step_s": out["block_step_s"],
         "images_per_s": spec["batch"] / step,
         "peak_memory_gib": memory / 2**30 if memory is not None else None,
@@ -333,16 +334,18 @@ def make_row(spec: dict, out: dict, device: torch.device, peak_override: float |
 
 def print_table(rows: list[dict], device: str) -> None:
     print(f"\ndevice: {device}, torch {torch.__version__}")
-    print(f"{'combination':<42} {'batch':>5} {'step s':>9} {'img/s':>8} {'peak GiB':>9} {'MFU':>6}")
+    print(
+        f"{'combination':<38} {'batch':>5} {'step s':>9} {'min s':>9} {'img/s':>8} {'peak GiB':>9} {'MFU':>6}"
+    )
     for r in rows:
         if r.get("oom"):
-            print(f"{r['combo']:<42} {r['batch']:>5}  out of memory")
+            print(f"{r['combo']:<38} {r['batch']:>5}  out of memory")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
         print(
-            f"{r['combo']:<42} {r['batch']:>5} {r['step_s']:>9.4f} {r['images_per_s']:>8.2f} "
-            f"{mem:>9} {mfu:>6}"
+            f"{r['combo']:<38} {r['batch']:>5} {r['step_s']:>9.4f} {r['min_step_s']:>9.4f} "
+            f"{r['images_per_s']:>8.2f} {mem:>9} {mfu:>6}"
         )
 
 
