@@ -16,18 +16,9 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from sr3_lightning.callbacks import DomainEval, SampleGrid
 from sr3_lightning.data import SR3DataModule, TrainDomain, ValDomain
 from sr3_lightning.metrics import LpipsWeightsMissing, consistency, psnr, ssim, to_uint8
-from sr3_lightning.models.unet import UNetConfig
 from sr3_lightning.module import SR3Module
+from tests.reference import TINY as TINY_UNET
 
-TINY_UNET = UNetConfig(
-    inner_channel=8,
-    norm_groups=4,
-    channel_multiplier=(1, 2, 2),
-    attn_res=(8,),
-    res_blocks=1,
-    dropout=0.0,
-    image_size=32,
-)
 VAL_DOMAINS = ("anime", "ffhq")
 NUM_VAL = 3  # images per val domain; batch size 2 so a domain takes two batches
 FAST = dict(steps=4, seed=0)  # 4 respaced DDPM steps: sampling is not what these tests check
