@@ -40,28 +40,29 @@ def _records(data: bytes) -> Iterator[bytes]:
             return
 
 
-def run_file(run_dir: Path) -> Path:
-    """The ``run-*.wandb`` file of an offline run directory (or the newest run under a ``wandb/`` folder)."""
+def run_files(run_dir: Path) -> list[Path]:
+    """The ``run-*.wandb`` files of a run, oldest first: a resumed run adds one offline run per start."""
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob("run-*.wandb")) or sorted(run_dir.glob("**/offline-run-*/run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no offline W&B run file (run-*.wandb) under {run_dir}")
-    return files[-1]
+    return files
 
 
 def read_history(run_dir: Path) -> list[dict]:
-    """Every logged history row as a dict of metric name -> value (with ``trainer/global_step``)."""
+    """Every logged history row, across all starts of the run, as dicts of metric name -> value."""
     from wandb.proto import wandb_internal_pb2
 
     rows = []
-    for raw in _records(run_file(run_dir).read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row = {}
-        for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
-            row[key] = json.loads(item.value_json)
-        rows.append(row)
+    for path in run_files(run_dir):
+        for raw in _records(path.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") != "history":
+                continue
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            rows.append(row)
     return rows
