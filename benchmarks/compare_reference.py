@@ -19,9 +19,9 @@ weights, checked by comparing one forward pass.
 - Reverse step: the reference's ``GaussianDiffusion.p_sample`` loop vs our ``SR3Module.super_resolve``
   (ancestral DDPM), over ``--reverse-steps`` steps per block, in eval mode without gradients.
 
-Rounds alternate reference and ours, so a machine that throttles or is shared slows both alike; the
-table gives the median step time of each and the median of the per-round ratios (reference / ours:
-> 1 means we are faster).
+Rounds alternate reference and ours (and which of them goes first), so a machine that throttles or is
+shared slows both alike; the table gives the median step time of each and the median of the per-round
+ratios (reference / ours: > 1 means we are faster).
 """
 
 from __future__ import annotations
@@ -164,6 +164,15 @@ def summarise(what: str, batch: int, ref: list[float], ours: list[float], unit: 
     }
 
 
+def write_results(out: Path, meta: dict, batch: int, train: dict, reverse: dict) -> list[dict]:
+    rows = [
+        summarise("train_step", batch, train["reference"], train["ours"], batch),
+        summarise("reverse_step", batch, reverse["reference"], reverse["ours"], batch),
+    ]
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", type=Path, required=True, help="root of a reference SR3 checkout")
@@ -202,15 +211,24 @@ def main(argv: list[str] | None = None) -> None:
     batch = make_batch(cfg, args.batch)
     cond = batch["lr_up"].to(device)
     bf16 = args.precision == "bf16-mixed"
+    meta = {"device": device_name(device), "torch": torch.__version__, "argv": sys.argv[1:]}
+    meta |= {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "forward_max_abs_diff": diff}
+    meta |= {"precision": args.precision, "steps": steps, "warmup": warmup, "reverse_steps": k}
+    out = args.json or RESULTS / f"compare_reference-{device.type}_{args.config}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     train = {"reference": [], "ours": []}
     reverse = {"reference": [], "ours": []}
     for r in range(args.rounds + 1):  # round 0 warms up (compilation, cuDNN autotuning) and is dropped
-        t_ref = reference_train_block(net, ref_opt, batch, device, warmup, steps)
-        t_ours = fit_blocks(module, args.precision, batch, device, warmup, steps, 1)[0]
-        module.to(device)
-        rv_ref = reference_reverse_block(net, cond, k, device)
-        rv_ours = our_reverse_block(module, cond, k, device, bf16)
+        for who in ("ours", "reference") if r % 2 else ("reference", "ours"):  # alternate who goes first
+            if who == "reference":
+                t_ref = reference_train_block(net, ref_opt, batch, device, warmup, steps)
+                rv_ref = reference_reverse_block(net, cond, k, device)
+            else:
+                t_ours = fit_blocks(module, args.precision, batch, device, warmup, steps, 1)[0]
+                module.to(device)  # the Trainer's teardown may have moved it to the CPU
+                rv_ours = our_reverse_block(module, cond, k, device, bf16)
         if r == 0:
+            meta["ours_fast_paths"] = str(module.unet._fast_paths)
             continue
         train["reference"].append(t_ref)
         train["ours"].append(t_ours)
@@ -220,14 +238,10 @@ def main(argv: list[str] | None = None) -> None:
             f"round {r}: train step ref {t_ref:.4f} s, ours {t_ours:.4f} s; "
             f"reverse step ref {rv_ref:.4f} s, ours {rv_ours:.4f} s"
         )
-    rows = [
-        summarise("train_step", args.batch, train["reference"], train["ours"], args.batch),
-        summarise("reverse_step", args.batch, reverse["reference"], reverse["ours"], args.batch),
-    ]
-    paths = module.unet._fast_paths
-    dev = device_name(device)
-    print(f"\ndevice: {dev}, torch {torch.__version__}, config {args.config}, batch {args.batch}")
-    print(f"ours: precision {args.precision}, {paths}")
+        write_results(out, meta, args.batch, train, reverse)  # partial results survive an interruption
+    rows = write_results(out, meta, args.batch, train, reverse)
+    print(f"\ndevice: {meta['device']}, torch {torch.__version__}, config {args.config}, batch {args.batch}")
+    print(f"ours: precision {args.precision}, {meta['ours_fast_paths']}")
     print(f"{'':<13} {'reference s':>12} {'ours s':>10} {'ref img/s':>10} {'ours img/s':>11} {'ref/ours':>9}")
     for row in rows:
         print(
@@ -235,12 +249,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['reference_images_per_s']:>10.2f} {row['ours_images_per_s']:>11.2f} "
             f"{row['ratio_reference_over_ours']:>8.2f}x"
         )
-    meta = {"device": dev, "torch": torch.__version__, "argv": sys.argv[1:], "forward_max_abs_diff": diff}
-    meta |= {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ours_fast_paths": str(paths)}
-    meta |= {"precision": args.precision, "steps": steps, "warmup": warmup, "reverse_steps": k}
-    out = args.json or RESULTS / f"compare_reference-{device.type}_{args.config}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 

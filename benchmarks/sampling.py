@@ -178,6 +178,16 @@ def main(argv: list[str] | None = None) -> None:
     T = module.schedule.num_timesteps
     print(f"model {ckpt} (T={T}), {len(val['hr'])} val images from {val_specs}, device {device_name(device)}")
 
+    meta = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "argv": sys.argv[1:],
+        "ckpt": str(ckpt),
+    }
+    meta |= {"val": val_specs, "num_images": len(val["hr"]), "seeds": args.seeds, "compile": args.compile}
+    meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    out_path = args.json or RESULTS / f"sampling-{device.type}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     rows, full = [], {}
     for row in rows_to_run(args.ks, args.starts, T):
         scores, nfe = [], 0
@@ -198,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             out[f"s_per_image_b{b}"], out[f"s_per_image_b{b}_extrapolated"] = sec, scaled
         rows.append(out)
         print_row(out, args.time_batches)
+        out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive
     ref = rows[0]
     ok = [  # respaced chains from pure noise only: start-from-step rows begin at the bicubic image
         r
@@ -207,20 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print_table(rows, args.time_batches, device_name(device))
     best = min(ok, key=lambda r: r["nfe"]) if ok else None
-    verdict = f"fewest evaluations (<= 100) within 0.2 dB PSNR and 0.01 SSIM of the full {T}-step chain: " + (
-        f"{best['name']} ({T / best['nfe']:.0f}x fewer)" if best else "none"
+    meta["verdict"] = (
+        f"fewest evaluations (<= 100) within 0.2 dB PSNR and 0.01 SSIM of the full {T}-step chain: "
+        + (f"{best['name']} ({T / best['nfe']:.0f}x fewer)" if best else "none")
     )
-    print(verdict)
-    meta = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "argv": sys.argv[1:],
-        "ckpt": str(ckpt),
-    }
-    meta |= {"val": val_specs, "num_images": len(val["hr"]), "seeds": args.seeds, "compile": args.compile}
-    meta |= {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "verdict": verdict}
-    out_path = args.json or RESULTS / f"sampling-{device.type}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    print(meta["verdict"])
     out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out_path}")
 

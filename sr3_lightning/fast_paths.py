@@ -19,7 +19,6 @@ The other fast paths are Lightning's and need no code here:
 
 from __future__ import annotations
 
-import logging
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sr3_lightning.models.unet import SelfAttention
-
-log = logging.getLogger(__name__)
 
 # On CPU (AMD EPYC, fp32, 16->128 UNet, timed by hand on a shared machine): fused Adam is 3.5x faster
 # than the for-loop Adam; channels_last makes forward + backward ~25% slower (oneDNN); torch.compile gained
