@@ -89,7 +89,8 @@ def test_bad_sweeps_and_gpus_fail_before_any_run(tmp_path, capsys, monkeypatch):
     assert "SR3_SHARDS is not set" in sweep_error(tmp_path, capsys, env_sweep)
 
 
-def test_wandb_backend_starts_one_agent_per_gpu_with_its_device(tmp_path):
+def test_wandb_backend_starts_one_agent_per_gpu_with_its_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SERVICE", "3-1-unix-/this/process/service.sock")  # W&B ran in this process
     agents = agent_processes(
         "abc123", ["2", "3"], project="sr3-finetune", entity="lab", count=5, sweep_dir=Path("runs/steps")
     )
@@ -110,6 +111,7 @@ def test_wandb_backend_starts_one_agent_per_gpu_with_its_device(tmp_path):
             "abc123",
         ]
         assert agent.env["CUDA_VISIBLE_DEVICES"] == device and agent.env["SR3_SWEEP_DIR"] == "runs/steps"
+        assert "WANDB_SERVICE" not in agent.env  # each agent starts its own W&B service
         assert agent.env["PATH"].split(os.pathsep)[0] == str(
             Path(sys.executable).parent
         )  # `python` = this env
@@ -182,6 +184,8 @@ def test_smoke_sweep_killed_after_first_run_resumes_each_grid_point_once_then_re
 ):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("SR3_SHARDS", str(tiny_shards))
+    # as left by a W&B run earlier in this process: runs must not attach to a service that is not theirs
+    monkeypatch.setenv("WANDB_SERVICE", "3-1-unix-/no/such/service.sock")
     sweep_dir, out = tmp_path / "sweep", tmp_path / "report"
     args = ["sweep", "sweeps/smoke.yaml", "--backend", "local", "--dir", str(sweep_dir)]
     with (tmp_path / "first.log").open("w") as log:

@@ -237,6 +237,7 @@ def _start(
     command = [*build_command(sweep, params), "--tracking.mode=offline", f"--tracking.group={sweep.name}"]
     env = {**os.environ, "WANDB_RUN_ID": run_id, "SR3_SWEEP_DIR": str(sweep_dir), "WANDB_MODE": "offline"}
     env.pop("WANDB_SWEEP_ID", None)  # not an agent run: nothing to report to a server
+    env.pop("WANDB_SERVICE", None)  # as `wandb agent` does: each run starts its own W&B service, not ours
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     log_path = sweep_dir / "logs" / f"{run_id}.log"

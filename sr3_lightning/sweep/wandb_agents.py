@@ -74,6 +74,7 @@ def agent_processes(
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "SR3_SWEEP_DIR": str(sweep_dir),
     }
+    base.pop("WANDB_SERVICE", None)  # an agent and its runs start their own W&B service, never ours
     if devices is None:
         return [Agent(None, argv, base)]
     return [Agent(device, list(argv), {**base, "CUDA_VISIBLE_DEVICES": device}) for device in devices]
