@@ -6,7 +6,7 @@ import wandb
 
 from sr3_lightning.cli import cli_main
 from sr3_lightning.tracking import resolve_mode
-from sr3_lightning.wandb_offline import read_history
+from sr3_lightning.wandb_offline import read_history, run_files
 
 EVAL = (
     "--trainer.callbacks+=sr3_lightning.callbacks.DomainEval",
@@ -46,6 +46,11 @@ def test_offline_run_history_and_csv_hold_domain_metrics_per_step(tiny_shards, t
     history = read_history(tmp_path / "wandb")
     steps = {row["trainer/global_step"] for row in history if "val/anime/psnr" in row}
     assert steps >= {0, 1, 2, 3}
+    (run_file,) = run_files(tmp_path / "wandb")
+    killed = tmp_path / "killed" / run_file.name  # a run killed while writing: every whole record still reads
+    killed.parent.mkdir()
+    killed.write_bytes(run_file.read_bytes()[: run_file.stat().st_size - 3])
+    assert read_history(killed.parent) == history[: len(read_history(killed.parent))]
     with open(tmp_path / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/anime/psnr")]
     assert {int(r["step"]) for r in rows} == steps
