@@ -26,6 +26,7 @@ from sr3_lightning.diffusion import (
 from sr3_lightning.diffusion.losses import check_t_range
 from sr3_lightning.fast_paths import FastPaths, use_fused_adam
 from sr3_lightning.models.unet import UNet, UNetConfig, init_orthogonal
+from sr3_lightning.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class SR3Module(LightningModule):
             seed: seed of the training draws (t, noise, dropout). Step k on rank r always draws the same
                 numbers, so a resumed run continues bit for bit without carrying RNG state.
             nonfinite_patience: a step with non-finite gradients is skipped and counted; this many in a
-                row stop the run with the step and the batch keys.
+                row stop the run with the step and the batch keys (checked every
+                ``trainer.log_every_n_steps`` with fused Adam, at once with other optimizers).
             channels_last: UNet weights and activations in NHWC (faster convolutions on GPU and CPU).
                 None = the fastest for the device (`sr3_lightning.fast_paths.FastPaths.resolve`).
             compile: ``torch.compile`` the UNet in place (keys unchanged). None = on with CUDA, off on CPU.
@@ -120,8 +122,8 @@ class SR3Module(LightningModule):
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False) if ema_decay else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self._bad_steps = 0
-        self._skipped_steps = 0
+        self._guard = NonFiniteGuard(nonfinite_patience)
+        self._step_finite: Tensor | None = None  # this step's "gradients are finite", on the device
         self._batch_keys: list[str] = []
 
     # ----------------------------------------------------------------------------------------- training
@@ -161,33 +163,27 @@ class SR3Module(LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip a step whose gradients are not finite (drop them: Adam then updates nothing), and stop
-        after ``nonfinite_patience`` such steps in a row."""
-        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
-        if not grads or bool(torch.stack([g.detach().float().abs().sum() for g in grads]).isfinite().all()):
-            self._bad_steps = 0
+        """Skip a step whose gradients are not finite (`sr3_lightning.nonfinite`); fp16's grad scaler
+        already skips such steps itself."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
-        optimizer.zero_grad(set_to_none=True)
-        self._bad_steps += 1
-        self._skipped_steps += 1
-        self.log("train/skipped_steps", float(self._skipped_steps))
-        log.warning(
-            "step %d: non-finite gradients, step skipped (batch keys %s)", self.global_step, self._batch_keys
-        )
-        if self._bad_steps >= self.hparams.nonfinite_patience:
-            raise FloatingPointError(
-                f"{self._bad_steps} consecutive steps with non-finite loss or gradients, the last at step "
-                f"{self.global_step} on batch keys {self._batch_keys}. Lower the learning rate, check these "
-                "images, or raise model.nonfinite_patience."
-            )
+        grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
+        self._step_finite = self._guard.step(optimizer, grads, self.global_step, self._batch_keys)
+        self.log("train/skipped_steps", self._guard.skipped)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self._bad_steps:
-            return
         if self.ema_unet is not None:
+            weight = torch.tensor(1.0 - self.hparams.ema_decay, device=self.device)
+            if self._step_finite is not None:
+                weight = weight * self._step_finite  # a skipped step leaves the average as it is
             with torch.no_grad():
                 for ema, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
-                    ema.lerp_(p, 1.0 - self.hparams.ema_decay)
+                    ema.lerp_(p, weight)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self._guard.check()
+
+    def on_train_end(self) -> None:
+        self._guard.check()
 
     def configure_optimizers(self):
         params = self.unet.parameters()

@@ -232,11 +232,6 @@ def test_loss_is_fetched_only_at_logging_intervals(monkeypatch, tmp_path, progre
     assert fetches >= 1 if progress_bar_loss else fetches == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SR3Module.on_before_optimizer_step reads bool(all gradients finite) every step: one sync per "
-    "step (a device-side flag checked at logging steps would remove it)",
-)
 def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path):
     reads = reads_per_step(monkeypatch, tmp_path, progress_bar_loss=False)
     assert sum(reads.values()) == 0, reads

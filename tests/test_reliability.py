@@ -98,11 +98,15 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops_naming_step_and_keys(tiny_shards, tmp_path):
+@pytest.mark.parametrize("optimizer", ["torch.optim.SGD", "torch.optim.Adam"])  # host check / fused on device
+def test_non_finite_steps_are_skipped_then_the_run_stops_naming_step_and_keys(
+    tiny_shards, tmp_path, optimizer
+):
     explode = [
-        "--model.optimizer=torch.optim.SGD",
+        f"--model.optimizer={optimizer}",
         "--model.optimizer.lr=1e38",
         "--model.nonfinite_patience=3",
+        "--trainer.log_every_n_steps=4",
     ]
     with pytest.raises(
         FloatingPointError, match=r"3 consecutive steps .* at step \d+ on batch keys \['anime_"

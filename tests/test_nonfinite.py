@@ -1,0 +1,65 @@
+"""The non-finite guard: a bad step leaves weights and Adam moments exactly as they were, on the fused
+(device-side) path and on the host path alike, and the run stops after `patience` bad steps in a row."""
+
+import logging
+
+import pytest
+import torch
+
+from sr3_lightning.nonfinite import NonFiniteGuard, all_finite, skips_on_device
+
+NAN = float("nan")
+
+
+def adam(fused: bool) -> tuple[torch.nn.Parameter, torch.optim.Adam]:
+    p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+    return p, torch.optim.Adam([p], lr=0.1, fused=fused)
+
+
+def run(fused: bool, grads: list[list[float]], patience: int = 3) -> tuple[list, NonFiniteGuard]:
+    """Steps with the given gradients; returns the weights after each step and the guard."""
+    p, opt = adam(fused)
+    guard = NonFiniteGuard(patience)
+    weights = []
+    for step, g in enumerate(grads):
+        p.grad = torch.tensor(g)
+        guard.step(opt, [p.grad], step, [f"img_{step}"])
+        opt.step()
+        opt.zero_grad()
+        weights.append(p.detach().clone())
+    return weights, guard
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_bad_step_changes_nothing_and_good_steps_match_an_unguarded_run(fused):
+    good = [0.5, -1.0, 2.0, 0.1, 0.0, -0.3]
+    bad = [0.5, NAN, 2.0, 0.1, float("inf"), -0.3]
+    weights, guard = run(fused, [good, bad, good, good])
+    assert torch.equal(weights[1], weights[0])  # the NaN step did not move the weights
+    clean, _ = run(fused, [good, good, good])
+    assert torch.equal(weights[3], clean[2])  # nor Adam's moments and step count: as if it never happened
+    assert guard.skipped.item() == 1
+
+
+def test_fused_adam_takes_the_device_path():
+    assert skips_on_device(adam(fused=True)[1]) and not skips_on_device(adam(fused=False)[1])
+    assert not all_finite([torch.ones(2), torch.tensor([1.0, NAN])]).item()
+    assert all_finite([torch.full((3,), 3e38)]).item()  # large but finite gradients are not "non-finite"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_patience_consecutive_bad_steps_stop_the_run_naming_the_step_and_batch(fused, caplog):
+    good, bad = [1.0] * 6, [NAN] * 6
+    _, guard = run(fused, [good, bad, good, bad], patience=2)  # never two in a row
+    with caplog.at_level(logging.WARNING):
+        guard.check()
+    assert "2 step(s) skipped" in caplog.text and "the last at step 3" in caplog.text
+    stop = r"2 consecutive steps .* at step 2 on batch keys \['img_2'\]"
+    with pytest.raises(FloatingPointError, match=stop):
+        _, guard = run(fused, [good, bad, bad, good], patience=2)
+        guard.check()  # the fused path reads its counters only here (each logging step)
+
+
+def test_patience_must_be_positive():
+    with pytest.raises(ValueError, match="nonfinite_patience=0"):
+        NonFiniteGuard(0)
