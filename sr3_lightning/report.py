@@ -1,32 +1,24 @@
-"""The study's report: read finished runs, lay out Tables 1-4, plot every metric against steps.
+"""The study's report: Tables 1-4 and every metric plotted against steps, from finished runs (`runs.py`).
 
-Runs come from local run directories (``config.yaml`` + ``metrics.csv``, or the W&B offline files when the
-CSV is missing), from sweep directories (their finished runs, see ``sweep/local.py``), or from a W&B project
-or sweep through the public API (``wandb:ENTITY/PROJECT[/SWEEP_ID]``). A table row is a setting read at a
-step: it comes from whichever run has that setting and evaluated that step, so one trajectory serves every
-step of it (Table 1), and runs of different sweeps fill each other's rows (e.g. 128 images = L1 at 2000).
+A table row is a setting read at a step: it comes from whichever run has that setting and evaluated that
+step, so one trajectory serves every step of it (Table 1), and runs of different sweeps fill each other's
+rows (e.g. 128 images = L1 at 2000).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
+from sr3_lightning.runs import Run
 
 log = logging.getLogger(__name__)
 
 METRICS = ("psnr", "ssim", "lpips", "lpips_random")  # table columns per domain, when logged
 NAMES = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "lpips_random": "LPIPS (untrained net)"}
 DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4, "lpips_random": 4}  # the study's precision
-KEY = re.compile(
-    r"^(val|forget)/([^/]+)/((?:bicubic_)?(?:psnr|ssim|lpips|lpips_random|consistency|diversity))$"
-)
 
 # The study: the fine-tuning setup of configs/finetune_anime.yaml and what each table varies.
 BASE = {"objective": "diffusion", "loss": "l1", "limit": 128, "t_min": 1, "t_max": 2000}
@@ -34,26 +26,6 @@ STEPS = {"l1": (400, 1200, 1600, 2000, 4000, 12000), "l2": (400, 2000, 6000, 800
 DATA_SIZES = (8, 16, 32, 64, 128)
 T_RANGES = ((1, 2000), (1, 100), (1, 500), (1, 1000), (1000, 2000), (1500, 2000), (1900, 2000))
 FORGET_STEPS = (2000, 4000, 12000)
-SETTING_NAMES = {"loss": "loss", "limit": "images", "t_min": "t_min", "t_max": "t_max"}  # run labels
-
-
-@dataclass
-class Run:
-    """One finished run: its settings, the steps it was asked to evaluate, and metrics per evaluated step."""
-
-    name: str
-    source: str
-    settings: dict[str, Any]
-    listed_steps: list[int]
-    original_domains: list[str]
-    evals: dict[int, dict[str, float]]  # global step -> {val/..., forget/...}
-    seconds: float | None = None
-    label: str = ""
-
-    @property
-    def domains(self) -> list[str]:
-        keys = [k for step in sorted(self.evals) for k in self.evals[step]]
-        return list(dict.fromkeys(KEY.match(k).group(2) for k in keys if k.startswith("val/")))
 
 
 @dataclass
@@ -71,141 +43,6 @@ class Table:
     columns: list[tuple[str, str, int]]  # (column id, header, digits)
     rows: list[Row]
     missing: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------------- reading
-def settings_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The study's knobs from a resolved fit config (t_max None = T)."""
-    model, trainer = config.get("model") or {}, config.get("trainer") or {}
-    train = (config.get("data") or {}).get("train") or {}
-    return {
-        "objective": model.get("objective", "diffusion"),
-        "loss": model.get("loss", "l1"),
-        "limit": train.get("limit"),
-        "t_min": model.get("t_min", 1),
-        "t_max": model.get("t_max") or model.get("num_timesteps", 2000),
-        "max_steps": trainer.get("max_steps"),
-    }
-
-
-def domain_eval_args(config: dict[str, Any]) -> dict[str, Any]:
-    for cb in (config.get("trainer") or {}).get("callbacks") or []:
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("DomainEval"):
-            return cb.get("init_args") or {}
-    return {}
-
-
-def listed_steps(config: dict[str, Any]) -> list[int]:
-    """The steps DomainEval was asked for: at_steps, multiples of every_n_steps, and the end."""
-    args, max_steps = domain_eval_args(config), (config.get("trainer") or {}).get("max_steps") or 0
-    steps = set(args.get("at_steps") or [])
-    if args.get("every_n_steps"):
-        steps |= set(range(args["every_n_steps"], max_steps + 1, args["every_n_steps"]))
-    if args.get("at_end", True) and max_steps > 0:
-        steps.add(max_steps)
-    return sorted(s for s in steps if 0 < s <= max_steps)
-
-
-def metrics_by_step(rows: Iterable[dict[str, Any]], step_key: str) -> dict[int, dict[str, float]]:
-    """DomainEval's keys per step from logged rows (CSV or W&B history); a later value wins."""
-    out: dict[int, dict[str, float]] = {}
-    for row in rows:
-        if row.get(step_key) in (None, ""):
-            continue
-        values = {k: float(v) for k, v in row.items() if KEY.match(k) and v not in (None, "")}
-        if values:
-            out.setdefault(int(float(row[step_key])), {}).update(values)
-    return {s: v for s, v in sorted(out.items()) if any(k.endswith("/psnr") for k in v)}
-
-
-def make_run(name: str, source: str, config: dict, rows: Iterable[dict], step_key: str, seconds=None) -> Run:
-    return Run(
-        name=name,
-        source=source,
-        settings=settings_of(config),
-        listed_steps=listed_steps(config),
-        original_domains=list(domain_eval_args(config).get("original_domains") or []),
-        evals=metrics_by_step(rows, step_key),
-        seconds=seconds,
-    )
-
-
-def read_run_dir(run_dir: Path, seconds: float | None = None) -> Run:
-    """A local run: ``config.yaml``, the offline W&B history of each segment, then ``metrics.csv``.
-
-    Both logs hold the same numbers; reading both keeps the early steps of a run that was resumed (the CSV
-    logger starts its file anew on resume, while every segment keeps its own offline W&B run).
-    """
-    from sr3_lightning.wandb_offline import read_history
-
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    rows = []
-    for segment in sorted(run_dir.glob("wandb/offline-run-*"), key=lambda p: p.name):
-        if any(segment.glob("run-*.wandb")):
-            rows += [{"step": r.get("trainer/global_step"), **r} for r in read_history(segment)]
-    if (run_dir / "metrics.csv").is_file():
-        with (run_dir / "metrics.csv").open(newline="") as f:
-            rows += list(csv.DictReader(f))
-    return make_run(run_dir.name, str(run_dir), config, rows, "step", seconds)
-
-
-def _local_runs(path: Path, depth: int = 0) -> list[Run]:
-    from sr3_lightning.sweep.local import read_records
-
-    if (path / "config.yaml").is_file():
-        return [read_run_dir(path)]
-    records = read_records(path)
-    if records:  # a local sweep directory: its finished runs only
-        done = {r["run_id"]: r for r in records if r["state"] == "finished"}
-        unfinished = [p.name for p in path.iterdir() if (p / "config.yaml").is_file() and p.name not in done]
-        if unfinished:
-            log.warning("%s: skipping %d unfinished run(s): %s", path, len(unfinished), ", ".join(unfinished))
-        return [read_run_dir(path / rid, r.get("seconds")) for rid, r in sorted(done.items())]
-    if depth >= 3 or not path.is_dir():
-        return []
-    return [
-        run for child in sorted(path.iterdir()) if child.is_dir() for run in _local_runs(child, depth + 1)
-    ]
-
-
-def _wandb_runs(path: str) -> list[Run]:
-    """Finished runs of ``ENTITY/PROJECT`` or ``ENTITY/PROJECT/SWEEP_ID`` from the W&B server."""
-    import wandb
-
-    api = wandb.Api()
-    found = api.sweep(path).runs if path.count("/") == 2 else api.runs(path)
-    runs = []
-    for r in found:
-        if r.state == "finished":
-            config, seconds = r.config.get("config") or {}, r.summary.get("_runtime")
-            source = f"wandb:{'/'.join(r.path)}"
-            runs.append(make_run(r.name, source, config, r.scan_history(), "trainer/global_step", seconds))
-    return runs
-
-
-def load_runs(sources: list[str]) -> list[Run]:
-    """Every finished run under the given directories / ``wandb:`` paths, each once, labelled."""
-    runs: dict[str, Run] = {}
-    for source in sources:
-        if source.startswith("wandb:"):
-            found = _wandb_runs(source.removeprefix("wandb:"))
-        elif not Path(source).exists():
-            raise FileNotFoundError(
-                f"{source} does not exist (a run directory, a sweep directory or wandb:E/P)"
-            )
-        else:
-            found = _local_runs(Path(source))
-        if not found:
-            raise FileNotFoundError(f"no finished runs with metrics under {source}")
-        runs.update({str(Path(r.source).resolve()) if ":" not in r.source else r.source: r for r in found})
-    out = [r for r in runs.values() if r.evals]
-    varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in out}) > 1]
-    for r in out:
-        r.label = ", ".join(f"{SETTING_NAMES[k]}={r.settings[k]}" for k in varying) or r.name
-    labels = [(r.label, r.settings["objective"]) for r in out]
-    for r in out:
-        r.label += f" ({r.name})" if labels.count((r.label, r.settings["objective"])) > 1 else ""
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- tables

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
-from sr3_lightning.report import load_runs, write_report
+from sr3_lightning.report import write_report
+from sr3_lightning.runs import load_runs
 
 log = logging.getLogger(__name__)
 
