@@ -125,6 +125,7 @@ class SR3Module(LightningModule):
         self._guard = NonFiniteGuard(nonfinite_patience)
         self._step_finite: Tensor | None = None  # this step's "gradients are finite", on the device
         self._batch_keys: list[str] = []
+        self._stepped_at = 0  # global step after the last optimizer step seen by on_train_batch_end
 
     # ----------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -172,6 +173,9 @@ class SR3Module(LightningModule):
         self.log("train/skipped_steps", self._guard.skipped)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step == self._stepped_at:  # accumulating gradients: no optimizer step yet
+            return
+        self._stepped_at = self.global_step
         if self.ema_unet is not None:
             weight = torch.tensor(1.0 - self.hparams.ema_decay, device=self.device)
             if self._step_finite is not None:
@@ -205,6 +209,7 @@ class SR3Module(LightningModule):
                 paths.apply(unet)
 
     def on_train_start(self) -> None:
+        self._stepped_at = self.global_step
         hp = self.hparams
         if FastPaths.resolve(self.device, fused_adam=hp.fused_adam).fused_adam:
             use_fused_adam(self.trainer.optimizers)  # after any optimizer state was loaded

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 
 from sr3_lightning import load_reference
@@ -283,3 +283,32 @@ def test_find_max_batch_doubles_then_bisects():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         find_max_batch(broken)
+
+
+def test_ema_follows_each_optimizer_step_once_with_gradient_accumulation(tmp_path):
+    """EMA_k = d EMA_{k-1} + (1 - d) W_k over optimizer steps k, not micro-batches."""
+    io = tiny_io()
+    batch = {"hr": io["train_hr"], "lr_up": io["train_sr"]}
+    model = SR3Module(unet=TINY, num_timesteps=100, ema_decay=0.5)
+    expected = [p.detach().clone() for p in model.unet.parameters()]
+
+    class Recurrence(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx % 2 == 1:  # the second micro-batch of each step: the weights just changed
+                for e, p in zip(expected, pl_module.unet.parameters()):
+                    e.lerp_(p.detach(), 0.5)
+
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[Recurrence()],
+    )
+    trainer.fit(model, DataLoader(_Repeat(batch), batch_size=None))
+    for e, ema in zip(expected, model.ema_unet.parameters()):
+        torch.testing.assert_close(ema, e, rtol=0, atol=1e-6)
