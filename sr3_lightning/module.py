@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -125,7 +125,6 @@ class SR3Module(LightningModule):
         self._guard = NonFiniteGuard(nonfinite_patience)
         self._step_finite: Tensor | None = None  # this step's "gradients are finite", on the device
         self._batch_keys: list[str] = []
-        self._stepped_at = 0  # global step after the last optimizer step seen by on_train_batch_end
 
     # ----------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
@@ -164,27 +163,36 @@ class SR3Module(LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip a step whose gradients are not finite (`sr3_lightning.nonfinite`); fp16's grad scaler
-        already skips such steps itself."""
+        """Skip a step whose gradients are not finite (`sr3_lightning.nonfinite`). Under fp16 the grad
+        scaler skips such steps itself (and counts nothing: use bf16 for the patience check)."""
+        self._step_finite = None
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for p in self.unet.parameters() if p.grad is not None]
-        self._step_finite = self._guard.step(optimizer, grads, self.global_step, self._batch_keys)
+        if grads:
+            self._step_finite = self._guard.step(optimizer, grads, self.global_step, self._batch_keys)
         self.log("train/skipped_steps", self._guard.skipped)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.global_step == self._stepped_at:  # accumulating gradients: no optimizer step yet
-            return
-        self._stepped_at = self.global_step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA of the new weights: once per step (also when accumulating),
+        and before callbacks such as ModelCheckpoint see the step."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema_unet is not None:
-            weight = torch.tensor(1.0 - self.hparams.ema_decay, device=self.device)
-            if self._step_finite is not None:
-                weight = weight * self._step_finite  # a skipped step leaves the average as it is
-            with torch.no_grad():
-                for ema, p in zip(self.ema_unet.parameters(), self.unet.parameters()):
-                    ema.lerp_(p, weight)
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self._update_ema()
+        every = self.trainer.log_every_n_steps
+        if every and self.global_step % every == 0:
             self._guard.check()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        rate = 1.0 - self.hparams.ema_decay
+        ema, params = list(self.ema_unet.parameters()), list(self.unet.parameters())
+        if self._step_finite is None:
+            torch._foreach_lerp_(ema, params, rate)
+            return
+        weight = self._step_finite * rate  # 0 on a skipped step; stays on the device (no sync)
+        for e, p in zip(ema, params):
+            e.lerp_(p, weight)
 
     def on_train_end(self) -> None:
         self._guard.check()
@@ -209,7 +217,6 @@ class SR3Module(LightningModule):
                 paths.apply(unet)
 
     def on_train_start(self) -> None:
-        self._stepped_at = self.global_step
         hp = self.hparams
         if FastPaths.resolve(self.device, fused_adam=hp.fused_adam).fused_adam:
             use_fused_adam(self.trainer.optimizers)  # after any optimizer state was loaded

@@ -3,8 +3,8 @@
 A diverging fine-tune (too high a learning rate, a broken image) yields NaN/inf gradients; one bad step
 must not poison the weights, and many in a row must stop the run with the step and the batch to look at.
 
-With an optimizer whose step takes ``found_inf`` (fused Adam/AdamW/SGD, the default on CUDA and CPU) the
-whole guard stays on the device: the fused kernel skips the update itself and the counters are tensors,
+With fused Adam/AdamW (the default on CUDA and CPU), whose step honours ``found_inf``, the whole guard
+stays on the device: the fused kernel skips the update itself and the counters are tensors,
 read back once per ``trainer.log_every_n_steps`` (no host-device synchronisation per step). Any other
 optimizer gets the same behaviour by reading one bool per step and dropping the gradients.
 """
@@ -30,8 +30,10 @@ def all_finite(tensors: Iterable[Tensor]) -> Tensor:
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """True when the optimizer's step honours ``optimizer.found_inf`` (what AMP's GradScaler relies on)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    """True for fused Adam/AdamW: given ``optimizer.found_inf`` = 1 their kernel leaves weights, moments and
+    the step count untouched. (Fused SGD would leave a first step's momentum uninitialised: host path.)"""
+    fused = all(group.get("fused") for group in optimizer.param_groups)
+    return type(optimizer) in (torch.optim.Adam, torch.optim.AdamW) and fused
 
 
 class NonFiniteGuard:

@@ -50,10 +50,10 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bitwise_identical(tiny_shards, tmp_path):
-    steps = 20
-    cli_main(args_for(tiny_shards, tmp_path / "straight", steps))
+    steps, ema = 20, "--model.ema_decay=0.9"  # the EMA weights must continue exactly too
+    cli_main(args_for(tiny_shards, tmp_path / "straight", steps, ema))
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "sr3_lightning", *args_for(tiny_shards, killed, steps)]
+    cmd = [sys.executable, "-m", "sr3_lightning", *args_for(tiny_shards, killed, steps, ema)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step=10.ckpt").exists():  # ModelCheckpoint names it epoch=0-step=10
@@ -67,7 +67,9 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tiny_shards, tmp_path)
     resumed = subprocess.run(cmd, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
-    assert_same_training_state(final_state(tmp_path / "straight"), final_state(killed))
+    straight = final_state(tmp_path / "straight")
+    assert any(key.startswith("ema_unet.") for key in straight["state_dict"])
+    assert_same_training_state(straight, final_state(killed))
 
 
 def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tiny_shards, tmp_path, caplog):
