@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer
-from torch.utils.data import DataLoader, IterableDataset
+from lightning.pytorch import Callback
 
 from sr3_lightning import load_reference
 from sr3_lightning.cli import cli_main
@@ -26,6 +25,7 @@ from sr3_lightning.diffusion import denoising_loss
 from sr3_lightning.fast_paths import CPU_DEFAULTS, FastPaths, find_max_batch, use_fused_adam
 from sr3_lightning.models.unet import SelfAttention, UNet
 from sr3_lightning.module import SR3Module
+from tests.loop import fit_on_tiny_batch
 from tests.reference import REF, TINY, tiny_io, tiny_unet
 
 EXACT = {"atol": 1e-5, "rtol": 0}
@@ -177,15 +177,6 @@ def test_defaults_are_the_fast_paths():
         assert yaml.safe_load(Path(gpu_config).read_text())["trainer"]["benchmark"] is True  # cuDNN autotune
 
 
-class _Repeat(IterableDataset):
-    def __init__(self, batch: dict) -> None:
-        self.batch = batch
-
-    def __iter__(self):
-        while True:
-            yield self.batch
-
-
 READS = ("item", "tolist", "__bool__", "__float__", "__int__")  # Python-level reads of a tensor's value
 
 
@@ -195,21 +186,9 @@ def reads_per_step(monkeypatch, tmp_path: Path, progress_bar_loss: bool) -> dict
     Fits 3 and 7 steps with no logging step in between and takes the difference, so setup, teardown and
     the end-of-fit log are left out.
     """
-    io = tiny_io()
-    batch = {"hr": io["train_hr"], "lr_up": io["train_sr"]}
     counts = []
     for steps in (3, 7):
         model = SR3Module(unet=TINY, num_timesteps=100, progress_bar_loss=progress_bar_loss)
-        trainer = Trainer(
-            accelerator="cpu",
-            max_steps=steps,
-            log_every_n_steps=50,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-        )
         calls = dict.fromkeys(READS, 0)
         with monkeypatch.context() as m:
             for name in READS:
@@ -220,7 +199,7 @@ def reads_per_step(monkeypatch, tmp_path: Path, progress_bar_loss: bool) -> dict
                     return _original(self, *args, **kwargs)
 
                 m.setattr(torch.Tensor, name, counted)
-            trainer.fit(model, DataLoader(_Repeat(batch), batch_size=None))
+            fit_on_tiny_batch(model, tmp_path, steps, log_every_n_steps=50)
         counts.append(calls)
     return {name: (counts[1][name] - counts[0][name]) / 4 for name in READS}
 
@@ -287,8 +266,6 @@ def test_find_max_batch_doubles_then_bisects():
 
 def test_ema_follows_each_optimizer_step_once_with_gradient_accumulation(tmp_path):
     """EMA_k = d EMA_{k-1} + (1 - d) W_k over optimizer steps k, not micro-batches."""
-    io = tiny_io()
-    batch = {"hr": io["train_hr"], "lr_up": io["train_sr"]}
     model = SR3Module(unet=TINY, num_timesteps=100, ema_decay=0.5)
     expected = [p.detach().clone() for p in model.unet.parameters()]
 
@@ -298,17 +275,6 @@ def test_ema_follows_each_optimizer_step_once_with_gradient_accumulation(tmp_pat
                 for e, p in zip(expected, pl_module.unet.parameters()):
                     e.lerp_(p.detach(), 0.5)
 
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        accumulate_grad_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[Recurrence()],
-    )
-    trainer.fit(model, DataLoader(_Repeat(batch), batch_size=None))
+    fit_on_tiny_batch(model, tmp_path, 3, accumulate_grad_batches=2, callbacks=[Recurrence()])
     for e, ema in zip(expected, model.ema_unet.parameters()):
         torch.testing.assert_close(ema, e, rtol=0, atol=1e-6)

@@ -5,12 +5,12 @@ import logging
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
-from torch.utils.data import DataLoader
+from lightning.pytorch import Callback
 
 from sr3_lightning.module import SR3Module
 from sr3_lightning.nonfinite import NonFiniteGuard, all_finite, skips_on_device
-from tests.reference import TINY, tiny_io
+from tests.loop import fit_on_tiny_batch
+from tests.reference import TINY
 
 NAN = float("nan")
 
@@ -71,7 +71,6 @@ def test_patience_must_be_positive():
 
 def test_skipped_steps_leave_the_weights_and_their_ema_as_they_were(tmp_path):
     """lr=1e30: step 1 blows the weights up to ~1e31 (finite), so every later step has NaN gradients."""
-    io = tiny_io()
     model = SR3Module(unet=TINY, num_timesteps=100, ema_decay=0.5, nonfinite_patience=100)
     model.optimizer_factory = lambda params: torch.optim.Adam(params, lr=1e30)
     after_first: dict[str, torch.Tensor] = {}
@@ -81,19 +80,7 @@ def test_skipped_steps_leave_the_weights_and_their_ema_as_they_were(tmp_path):
             if batch_idx == 0:
                 after_first.update({k: v.clone() for k, v in pl_module.state_dict().items()})
 
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        log_every_n_steps=0,  # allowed by Lightning: the guard then checks at the end only
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[AfterFirstStep()],
-    )
-    batch = {"hr": io["train_hr"], "lr_up": io["train_sr"]}
-    trainer.fit(model, DataLoader([batch] * 4, batch_size=None))
+    fit_on_tiny_batch(model, tmp_path, 4, log_every_n_steps=0, callbacks=[AfterFirstStep()])
     assert model._guard.skipped.item() == 3
     for key, value in model.state_dict().items():
         assert torch.equal(value, after_first[key]), key  # UNet and EMA alike
