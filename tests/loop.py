@@ -1,5 +1,5 @@
-"""The training loop alone, for tests of what happens per step: a CPU Trainer without logger, checkpoints,
-progress bar or summary, fitting a module on the tiny reference batch repeated."""
+"""How tests drive training: the command line of a tiny `fit` on the test shards, and the training loop
+alone (a CPU Trainer without logger, checkpoints, progress bar or summary) on the tiny reference batch."""
 
 from __future__ import annotations
 
@@ -11,6 +11,20 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 
 from tests.reference import tiny_io
+
+
+def tiny_fit_args(shards: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """``fit`` of configs/tiny_cpu.yaml on ``shards`` (anime, 2 val images) into ``run_dir`` for ``steps``."""
+    return [
+        "fit",
+        "--config",
+        "configs/tiny_cpu.yaml",
+        f"--data.train.shards={shards}",
+        "--data.val=[{domain: anime, shards: " + str(shards) + ", num_images: 2}]",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.max_steps={steps}",
+        *extra,
+    ]
 
 
 class _Repeat(IterableDataset):

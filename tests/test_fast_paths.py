@@ -25,7 +25,7 @@ from sr3_lightning.diffusion import denoising_loss
 from sr3_lightning.fast_paths import CPU_DEFAULTS, FastPaths, find_max_batch, use_fused_adam
 from sr3_lightning.models.unet import SelfAttention, UNet
 from sr3_lightning.module import SR3Module
-from tests.loop import fit_on_tiny_batch
+from tests.loop import fit_on_tiny_batch, tiny_fit_args
 from tests.reference import REF, TINY, tiny_io, tiny_unet
 
 EXACT = {"atol": 1e-5, "rtol": 0}
@@ -52,14 +52,9 @@ def loss_and_grads(unet: UNet, step: int = 0) -> tuple[torch.Tensor, list[torch.
     return loss.detach(), [p.grad.clone() for p in unet.parameters()]
 
 
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).square().mean().sqrt() / b.float().square().mean().sqrt())
-
-
-@pytest.mark.parametrize("paths", FP32_PATHS.values(), ids=FP32_PATHS.keys())
-def test_fp32_paths_match_the_reference_forward_loss_and_gradients(paths):
+def assert_agrees_with_reference(fast: UNet) -> None:
+    """Same keys as the reference UNet; forward, loss and gradients equal to fp32 eager within EXACT."""
     plain = tiny_unet()
-    fast = paths.apply(tiny_unet())
     assert list(fast.state_dict()) == list(plain.state_dict())  # reference keys, checkpoints still load
     io = tiny_io()
     with torch.no_grad():
@@ -70,6 +65,15 @@ def test_fp32_paths_match_the_reference_forward_loss_and_gradients(paths):
     torch.testing.assert_close(loss, ref_loss, **EXACT)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, **EXACT)
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).square().mean().sqrt() / b.float().square().mean().sqrt())
+
+
+@pytest.mark.parametrize("paths", FP32_PATHS.values(), ids=FP32_PATHS.keys())
+def test_fp32_paths_match_the_reference_forward_loss_and_gradients(paths):
+    assert_agrees_with_reference(paths.apply(tiny_unet()))
 
 
 def test_paths_apply_in_place_idempotently_and_switch_back():
@@ -147,18 +151,7 @@ def test_bf16_autocast_stays_within_its_bound():
 @pytest.mark.slow
 def test_compiled_unet_matches_eager():
     """torch.compile (inductor, C++ on CPU) of the tiny UNet: forward, loss and gradients to 1e-5."""
-    plain = tiny_unet()
-    fast = FastPaths(channels_last=True, compile=True).apply(tiny_unet())
-    assert list(fast.state_dict()) == list(plain.state_dict())
-    io = tiny_io()
-    with torch.no_grad():
-        out = fast(io["unet_in_x"], io["unet_in_noise_level"])
-    torch.testing.assert_close(out, io["unet_out"], **EXACT)
-    loss, grads = loss_and_grads(fast)
-    ref_loss, ref_grads = loss_and_grads(plain)
-    torch.testing.assert_close(loss, ref_loss, **EXACT)
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref, **EXACT)
+    assert_agrees_with_reference(FastPaths(channels_last=True, compile=True).apply(tiny_unet()))
 
 
 def test_defaults_are_the_fast_paths():
@@ -219,21 +212,17 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_pat
 def test_every_fast_path_switches_from_the_config(tiny_shards, tmp_path):
     """bf16 autocast, gradient accumulation, channels_last, unfused attention and fused Adam from the CLI."""
     cli = cli_main(
-        [
-            "fit",
-            "--config",
-            "configs/tiny_cpu.yaml",
-            f"--data.train.shards={tiny_shards}",
-            "--data.val=[{domain: anime, shards: " + str(tiny_shards) + ", num_images: 2}]",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_steps=2",
+        tiny_fit_args(
+            tiny_shards,
+            tmp_path,
+            2,
             "--trainer.precision=bf16-mixed",
             "--trainer.accumulate_grad_batches=2",
             "--model.channels_last=true",
             "--model.fused_attention=false",
             "--model.fused_adam=true",
             "--model.compile=false",
-        ]
+        )
     )
     model = cli.model
     assert cli.trainer.global_step == 2 and cli.trainer.accumulate_grad_batches == 2

@@ -3,23 +3,12 @@
 from PIL import Image
 
 from sr3_lightning.cli import cli_main
+from tests.loop import tiny_fit_args
 
 
 def test_regression_trains_through_fit_and_samples_deterministically(tiny_shards, tmp_path):
     run = tmp_path / "run"
-    cli = cli_main(
-        [
-            "fit",
-            "--config",
-            "configs/tiny_cpu.yaml",
-            f"--data.train.shards={tiny_shards}",
-            "--data.val=[{domain: anime, shards: " + str(tiny_shards) + ", num_images: 2}]",
-            f"--trainer.default_root_dir={run}",
-            "--trainer.max_steps=3",
-            "--model.objective=regression",
-            "--model.loss=l2",
-        ]
-    )
+    cli = cli_main(tiny_fit_args(tiny_shards, run, 3, "--model.objective=regression", "--model.loss=l2"))
     assert cli.model.hparams.objective == "regression" and cli.trainer.global_step == 3
     lr_dir = tmp_path / "lr"
     lr_dir.mkdir()

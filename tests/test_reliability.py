@@ -13,24 +13,19 @@ import torch
 
 from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from sr3_lightning.cli import cli_main
-
-CONFIG = "configs/tiny_cpu.yaml"
+from tests.loop import tiny_fit_args
 
 
 def args_for(shards: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        CONFIG,
-        f"--data.train.shards={shards}",
-        f"--trainer.default_root_dir={run_dir}",
-        "--data.val=[{domain: anime, shards: " + str(shards) + ", num_images: 2}]",
-        f"--trainer.max_steps={steps}",
+    return tiny_fit_args(
+        shards,
+        run_dir,
+        steps,
         "--trainer.val_check_interval=5",
         "--trainer.deterministic=true",
         "--trainer.callbacks.every_n_train_steps=5",
         *extra,
-    ]
+    )
 
 
 def final_state(run_dir: Path) -> dict:

@@ -7,6 +7,7 @@ import wandb
 from sr3_lightning.cli import cli_main
 from sr3_lightning.tracking import resolve_mode
 from sr3_lightning.wandb_offline import read_history, run_files
+from tests.loop import tiny_fit_args
 
 EVAL = (
     "--trainer.callbacks+=sr3_lightning.callbacks.DomainEval",
@@ -29,19 +30,7 @@ def test_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
 def test_offline_run_history_and_csv_hold_domain_metrics_per_step(tiny_shards, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    cli_main(
-        [
-            "fit",
-            "--config",
-            "configs/tiny_cpu.yaml",
-            f"--data.train.shards={tiny_shards}",
-            "--data.val=[{domain: anime, shards: " + str(tiny_shards) + ", num_images: 2}]",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_steps=3",
-            "--tracking.mode=auto",
-            *EVAL,
-        ]
-    )
+    cli_main(tiny_fit_args(tiny_shards, tmp_path, 3, "--tracking.mode=auto", *EVAL))
     wandb.finish()
     history = read_history(tmp_path / "wandb")
     steps = {row["trainer/global_step"] for row in history if "val/anime/psnr" in row}
