@@ -186,13 +186,9 @@ class SR3Module(LightningModule):
     @torch.no_grad()
     def _update_ema(self) -> None:
         rate = 1.0 - self.hparams.ema_decay
-        ema, params = list(self.ema_unet.parameters()), list(self.unet.parameters())
-        if self._step_finite is None:
-            torch._foreach_lerp_(ema, params, rate)
-            return
-        weight = self._step_finite * rate  # 0 on a skipped step; stays on the device (no sync)
-        for e, p in zip(ema, params):
-            e.lerp_(p, weight)
+        if self._step_finite is not None:  # 0 on a skipped step; a tensor on the device (no sync)
+            rate = self._step_finite * rate
+        torch._foreach_lerp_(list(self.ema_unet.parameters()), list(self.unet.parameters()), rate)
 
     def on_train_end(self) -> None:
         self._guard.check()
