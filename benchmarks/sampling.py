@@ -3,6 +3,7 @@
 Run by hand (never a test); prints a table and writes JSON (default ``benchmarks/results/``):
 
     python benchmarks/sampling.py --train                        # train the demo SR3 first, then measure
+    python benchmarks/sampling.py --train --train-time 00:00:04:00 -- --data.batch_size=64   # fit overrides
     python benchmarks/sampling.py --ckpt RUN/checkpoints/last.ckpt --val photos:DIR science:DIR
 
 Model: ``--ckpt`` loads one of our checkpoints; ``--train`` trains the demo's small SR3 (8 -> 32 px) on
@@ -40,10 +41,20 @@ from sr3_lightning.module import SR3Module
 REFERENCE_SCHEDULE = ["--model.num_timesteps=2000", "--model.beta_start=1e-6", "--model.beta_end=1e-2"]
 
 
-def train_demo_model(data_dir: Path, run_dir: Path, steps: int, accelerator: str) -> Path:
-    """The demo's small SR3 on real photographs for ``steps`` steps, reference schedule; its last.ckpt."""
+def train_demo_model(
+    data_dir: Path,
+    run_dir: Path,
+    steps: int,
+    accelerator: str,
+    max_time: str | None = None,
+    overrides: tuple[str, ...] = (),
+) -> Path:
+    """The demo's small SR3 on real photographs for ``steps`` steps (or until ``max_time``, Lightning's
+    ``DD:HH:MM:SS``, whichever comes first), reference schedule, plus ``overrides`` for ``fit`` (e.g.
+    ``--data.batch_size=64``); its last.ckpt."""
     from sr3_lightning.commands import demo
 
+    budget = [f"--trainer.max_time={max_time}"] if max_time else []
     demo.main(
         [
             "--data-dir",
@@ -53,7 +64,9 @@ def train_demo_model(data_dir: Path, run_dir: Path, steps: int, accelerator: str
             f"--trainer.max_steps={steps}",
             f"--trainer.accelerator={accelerator}",
             "--tracking.mode=disabled",
+            *budget,
             *REFERENCE_SCHEDULE,
+            *overrides,
         ]
     )
     return run_dir / "checkpoints" / "last.ckpt"
@@ -132,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--train", action="store_true", help="train the demo SR3 first (see --train-steps)")
     ap.add_argument("--train-steps", type=int, default=1200, help="training budget in optimizer steps")
     ap.add_argument(
+        "--train-time", default=None, help="also stop training after this wall time (DD:HH:MM:SS)"
+    )
+    ap.add_argument(
         "--data-dir", type=Path, default=Path("runs/sampling_bench/data"), help="demo data (--train)"
     )
     ap.add_argument(
@@ -155,14 +171,18 @@ def main(argv: list[str] | None = None) -> None:
         "--json", type=Path, default=None, help="default: benchmarks/results/sampling-DEVICE.json"
     )
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    own, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = ap.parse_args(own)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.train:
         accelerator = "gpu" if device.type == "cuda" else "cpu"
-        ckpt = train_demo_model(args.data_dir, args.run_dir, args.train_steps, accelerator)
+        ckpt = train_demo_model(
+            args.data_dir, args.run_dir, args.train_steps, accelerator, args.train_time, tuple(overrides)
+        )
         val_specs = args.val or [f"{d}:{args.data_dir / 'shards/val'}" for d in ("photos", "science")]
     else:
         ckpt, val_specs = args.ckpt, args.val
@@ -176,13 +196,15 @@ def main(argv: list[str] | None = None) -> None:
         compile_for_sampling(module.sampling_unet)
     val = load_val(val_specs, module, args.num_images)
     T = module.schedule.num_timesteps
-    print(f"model {ckpt} (T={T}), {len(val['hr'])} val images from {val_specs}, device {device_name(device)}")
+    step = torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step")
+    print(f"model {ckpt} (T={T}, {step} steps), {len(val['hr'])} val images, device {device_name(device)}")
 
     meta = {
         "device": device_name(device),
         "torch": torch.__version__,
         "argv": sys.argv[1:],
         "ckpt": str(ckpt),
+        "trained_steps": step,
     }
     meta |= {"val": val_specs, "num_images": len(val["hr"]), "seeds": args.seeds, "compile": args.compile}
     meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
