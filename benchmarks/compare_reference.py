@@ -39,7 +39,8 @@ from types import ModuleType
 
 import numpy as np
 import torch
-from train_step import CONFIGS, RESULTS, THREADS_HELP, device_name, fit_blocks, make_batch, synchronize
+from device_info import device_name, synchronize
+from train_step import CONFIGS, RESULTS, THREADS_HELP, fit_blocks, make_batch
 
 from sr3_lightning.module import SR3Module
 

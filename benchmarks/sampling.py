@@ -30,7 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from train_step import RESULTS, THREADS_HELP, device_name, synchronize
+from device_info import device_name, synchronize
+from train_step import RESULTS, THREADS_HELP
 
 from sr3_lightning.data.datamodule import SR3DataModule, ValDomain
 from sr3_lightning.data.shards import ShardIndex, find_index

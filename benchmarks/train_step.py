@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import logging
-import platform
 import re
 import resource
 import statistics
@@ -36,10 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from device_info import device_name, peak_tflops, synchronize, train_flops
 from torch.utils.data import DataLoader, IterableDataset
 
-from sr3_lightning.fast_paths import find_max_batch
-from sr3_lightning.models.unet import UNet, UNetConfig
+from sr3_lightning.fast_paths import find_max_batch, predict_max_batch
+from sr3_lightning.models.unet import UNetConfig
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = {
@@ -57,20 +57,6 @@ CONFIGS = {
         2000,
     ),
 }
-# Dense peaks in TFLOPS (bf16 tensor core, tf32 tensor core), matched against torch.cuda.get_device_name
-# in this order. H100 "80GB HBM3" is the SXM part.
-GPU_PEAKS = [
-    ("H200", (989.4, 494.7)),
-    ("H100 PCIe", (756.0, 378.0)),
-    ("H100 NVL", (835.5, 417.8)),
-    ("H100", (989.4, 494.7)),
-    ("A100", (312.0, 156.0)),
-    ("L40S", (362.1, 183.2)),
-    ("L4", (121.0, 60.0)),
-    ("A10G", (70.0, 35.0)),
-    ("A10", (125.0, 62.5)),
-    ("RTX 4090", (165.2, 82.6)),
-]
 THREADS_HELP = "CPU threads (torch.set_num_threads); use 1 when other jobs load the cores (OpenMP stalls)"
 KNOBS = ("progress_bar_loss", "fused_attention", "channels_last", "fused_adam", "compile")
 LABELS = {"fused_attention": "sdpa", "channels_last": "cl", "fused_adam": "fadam", "compile": "compile"}
@@ -112,54 +98,6 @@ def combinations(kind: str, exclude: set[str]) -> list[dict]:
     return list({row_name(r): r for r in rows}.values())
 
 
-# ------------------------------------------------------------------------------------------ device and FLOPs
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = next((ln.split(":", 1)[1].strip() for ln in _cpuinfo() if ln.startswith("model name")), "")
-    return f"{model or platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def peak_tflops(device: torch.device, precision: str) -> float | None:
-    """Dense peak of the device for ``precision`` (see the module docstring), or None when unknown."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (bf16, tf32) in GPU_PEAKS:
-            if key in name:
-                return bf16 if precision == "bf16-mixed" else tf32
-        return None
-    info = _cpuinfo()
-    mhz = next((float(ln.split(":")[1]) for ln in info if ln.startswith("cpu MHz")), None)
-    flags = next((ln for ln in info if ln.startswith("flags")), "")
-    if mhz is None:
-        return None
-    per_cycle = (
-        64 if " avx512f" in flags else 32 if " fma" in flags else 8
-    )  # fp32 FLOPs/cycle/core, 2 FMA units
-    return torch.get_num_threads() * mhz * 1e6 * per_cycle / 1e12
-
-
-def train_flops(cfg: UNetConfig, batch: int) -> int:
-    """FLOPs of one UNet forward + backward at ``batch`` (FlopCounterMode on the meta device)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        unet = UNet(cfg)
-        x = torch.randn(batch, cfg.in_channel, cfg.image_size, cfg.image_size)
-        level = torch.rand(batch)
-    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
-        unet(x, level).abs().mean().backward()
-    return counter.get_total_flops()
-
-
 # ------------------------------------------------------------------------------- one measurement (subprocess)
 class RepeatBatch(IterableDataset):
     """The same batch forever: the step, not the loader, is measured."""
@@ -170,11 +108,6 @@ class RepeatBatch(IterableDataset):
     def __iter__(self):
         while True:
             yield self.batch
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_batch(cfg: UNetConfig, batch: int, seed: int = 0) -> dict:
@@ -192,11 +125,19 @@ def make_module(config: str, combo: dict):
 
 
 def fit_blocks(
-    module, precision: str, batch: dict, device: torch.device, warmup: int, steps: int, blocks: int
+    module,
+    precision: str,
+    batch: dict,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    blocks: int,
+    benchmark: bool | None = None,
 ) -> list[float]:
     """``trainer.fit`` for warmup + steps * blocks steps; the mean step time of each block of ``steps``.
 
     One synchronisation per block boundary; CUDA peak memory stats are reset when timing starts.
+    ``benchmark`` (cuDNN autotuning) defaults to on with CUDA, as the reference's sr.py sets it.
     """
     from lightning.pytorch import Callback, Trainer
 
@@ -223,7 +164,7 @@ def fit_blocks(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        benchmark=device.type == "cuda",  # cuDNN autotuning, as the reference's sr.py sets it
+        benchmark=device.type == "cuda" if benchmark is None else benchmark,
         callbacks=[StepTimer()],
     )
     loader = DataLoader(RepeatBatch(batch), batch_size=None, pin_memory=device.type == "cuda")
@@ -260,10 +201,41 @@ def interleaved_step_times(
     return [{"block_step_s": t, "peak_memory_bytes": None} for t in times]
 
 
+def search_max_batch(spec: dict, limit: int) -> dict:
+    """The largest batch that trains, searched in this process: one step per probe, compile and cuDNN
+    autotuning off (same activations, no tuning per size). On CUDA the peak memory at batches 4 and 8 gives a
+    linear guess (`predict_max_batch`), from which the search grows by 25 % and bisects: a handful of probes
+    instead of a dozen fresh processes."""
+    device = torch.device(spec["device"])
+    combo = {**spec["combo"], "compile": False}
+    module, cfg = make_module(spec["config"], combo), CONFIGS[spec["config"]][0]
+    probes: list[int] = []
+
+    def try_batch(b: int) -> None:
+        probes.append(b)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        fit_blocks(module, combo["precision"], make_batch(cfg, b), device, 1, 1, 1, benchmark=False)
+
+    start, growth = max(8, spec["batch"]), 2.0
+    if device.type == "cuda":
+        points = []
+        for b in (4, 8):
+            try_batch(b)
+            points.append((b, torch.cuda.max_memory_allocated(device)))
+        capacity = torch.cuda.get_device_properties(device).total_memory
+        start, growth = predict_max_batch(points[0], points[1], capacity), 1.25
+    best = find_max_batch(try_batch, start=min(start, limit), limit=limit, growth=growth)
+    return {"max_batch": best, "probes": probes}
+
+
 def child(spec: dict) -> None:
     logging.disable(logging.WARNING)
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
+    if "search_limit" in spec:
+        print("RESULT " + json.dumps(search_max_batch(spec, spec["search_limit"])), flush=True)
+        return
     try:
         out = our_step_times(
             spec["config"],
@@ -296,14 +268,10 @@ def run_child(spec: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- driver
 def largest_batch(spec: dict, limit: int) -> int:
-    """Largest batch that trains 2 steps without running out of memory (compile off: same activations)."""
-    probe = {**spec, "warmup": 1, "steps": 1, "repeats": 1, "combo": {**spec["combo"], "compile": False}}
-
-    def try_batch(b: int) -> None:
-        if run_child({**probe, "batch": b}).get("oom"):
-            raise torch.OutOfMemoryError(f"batch {b}")
-
-    return find_max_batch(try_batch, start=max(8, spec["batch"]), limit=limit)
+    """Largest batch that trains without running out of memory (`search_max_batch`, in a fresh process)."""
+    out = run_child({**spec, "search_limit": limit})
+    print(f"largest batch for {row_name(spec['combo'])}: {out['max_batch']} (probed {out['probes']})")
+    return out["max_batch"]
 
 
 def make_row(spec: dict, out: dict, device: torch.device, peak_override: float | None) -> dict:
@@ -408,9 +376,13 @@ def main(argv: list[str] | None = None) -> None:
             if spec["batch"] == 0:
                 rows.append({"config": args.config, "batch": 0, "combo": row_name(combo), "oom": True})
                 continue
-            rows.append(
-                {**make_row(spec, run_child(spec), device, args.peak_tflops), "max_batch": b == "max"}
-            )
+            out = run_child(spec)
+            for _ in range(3 if b == "max" else 0):  # compile may need more memory than the eager probe
+                if not out.get("oom"):
+                    break
+                spec["batch"] = max(1, spec["batch"] * 9 // 10)
+                out = run_child(spec)
+            rows.append({**make_row(spec, out, device, args.peak_tflops), "max_batch": b == "max"})
             print_table(rows[-1:], device_name(device))
     print_table(rows, device_name(device))
     out = (

@@ -152,9 +152,24 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def find_max_batch(try_batch: Callable[[int], None], start: int = 4, limit: int = 1024) -> int:
+def predict_max_batch(
+    small: tuple[int, int], large: tuple[int, int], capacity: int, headroom: float = 0.92
+) -> int:
+    """The batch whose peak memory reaches ``headroom * capacity`` bytes, extrapolated linearly from two
+    measured ``(batch, peak bytes)`` points: a starting guess that saves most of a blind doubling search."""
+    (b0, m0), (b1, m1) = small, large
+    if b1 <= b0 or m1 <= m0:
+        raise ValueError(f"need two points with growing batch and memory, got {small} and {large}")
+    per_image = (m1 - m0) / (b1 - b0)
+    return max(1, int((headroom * capacity - (m0 - per_image * b0)) / per_image))
+
+
+def find_max_batch(
+    try_batch: Callable[[int], None], start: int = 4, limit: int = 1024, growth: float = 2.0
+) -> int:
     """Largest batch size in [1, limit] for which ``try_batch(b)`` (e.g. one training step) does not run
-    out of memory: doubling from ``start``, then bisection. Returns 0 when even batch 1 does not fit."""
+    out of memory: growing from ``start`` by ``growth`` (doubling; less from a good guess such as
+    `predict_max_batch`), then bisection. Returns 0 when even batch 1 does not fit."""
 
     def fits(b: int) -> bool:
         try:
@@ -175,7 +190,7 @@ def find_max_batch(try_batch: Callable[[int], None], start: int = 4, limit: int 
             lo = b
             if b >= limit:
                 return b
-            b = min(b * 2, limit)
+            b = min(max(b + 1, int(b * growth)), limit)
         else:
             hi = b
     while hi - lo > 1:

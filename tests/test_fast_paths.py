@@ -22,7 +22,13 @@ from lightning.pytorch import Callback
 from sr3_lightning import load_reference
 from sr3_lightning.cli import cli_main
 from sr3_lightning.diffusion import denoising_loss
-from sr3_lightning.fast_paths import CPU_DEFAULTS, FastPaths, find_max_batch, use_fused_adam
+from sr3_lightning.fast_paths import (
+    CPU_DEFAULTS,
+    FastPaths,
+    find_max_batch,
+    predict_max_batch,
+    use_fused_adam,
+)
 from sr3_lightning.models.unet import SelfAttention, UNet
 from sr3_lightning.module import SR3Module
 from tests.loop import fit_on_tiny_batch, tiny_fit_args
@@ -246,11 +252,23 @@ def test_find_max_batch_doubles_then_bisects():
     assert find_max_batch(lambda b: try_batch(b, 0), start=4) == 0
     assert find_max_batch(lambda b: try_batch(b, 10**6), start=4, limit=100) == 100
 
+    tried.clear()
+    assert find_max_batch(lambda b: try_batch(b, 37), start=34, growth=1.25) == 37
+    assert tried == [34, 42, 38, 36, 37]
+
     def broken(b: int) -> None:
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         find_max_batch(broken)
+
+
+def test_predict_max_batch_extrapolates_peak_memory_linearly():
+    gib = 2**30
+    # 1 GiB fixed (weights, optimizer state) + 0.5 GiB per image, an 80 GiB card filled to 92 %
+    assert predict_max_batch((4, 3 * gib), (8, 5 * gib), 80 * gib) == int((0.92 * 80 - 1) / 0.5)
+    with pytest.raises(ValueError, match="growing batch and memory"):
+        predict_max_batch((8, 5 * gib), (8, 5 * gib), 80 * gib)
 
 
 def test_ema_follows_each_optimizer_step_once_with_gradient_accumulation(tmp_path):
