@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", choices=list(CONFIGS), default="real")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true", help="ours only")
+    ap.add_argument(
+        "--compile-mode", default="default", help="ours: torch.compile mode (reduce-overhead: CUDA graphs)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=int, default=5, help="N: alternating rounds; medians over them")
     ap.add_argument("--steps", type=int, default=None, help="training steps per block (20 GPU, 2 CPU)")
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     np.random.seed(0)
 
     cfg, num_timesteps = CONFIGS[args.config]
-    module = SR3Module(unet=cfg, num_timesteps=num_timesteps)  # our defaults: the fast paths for the device
+    # our defaults: the fast paths for the device
+    module = SR3Module(unet=cfg, num_timesteps=num_timesteps, compile_mode=args.compile_mode)
     net, ref_opt = build_reference(args.reference, args.config, module.unet.state_dict(), device)
     module.to(device)
     diff = forward_difference(net, module, device)

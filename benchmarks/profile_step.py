@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", choices=list(CONFIGS), default="real")
     ap.add_argument("--combo", default=FASTEST, help="a row name of train_step.py, e.g. fp32+sync")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument(
+        "--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=None, help="unprofiled steps (default 5 on GPU, 1 on CPU)")
     ap.add_argument("--steps", type=int, default=None, help="profiled steps (default 10 on GPU, 2 on CPU)")
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     combos = {row_name(c): c for c in combinations("all", set())}
     if args.combo not in combos:
         raise SystemExit(f"--combo {args.combo!r} is not a train_step.py row; one of: {', '.join(combos)}")
-    combo = combos[args.combo]
+    combo = {**combos[args.combo], "compile_mode": args.compile_mode}
     if combo["precision"] == "bf16-mixed" and not gpu:
         combo = {**combo, "precision": "32-true"}
         print("bf16 autocast is a GPU fast path: profiling fp32 on the CPU")

@@ -68,7 +68,10 @@ def row_name(c: dict) -> str:
         "bf16" if c["precision"] == "bf16-mixed" else "fp32",
         "sync" if c["progress_bar_loss"] else "nosync",
     ]
-    return "+".join(parts + [label for k, label in LABELS.items() if c[k]])
+    labels = [label for k, label in LABELS.items() if c[k]]
+    if c["compile"] and c.get("compile_mode", "default") != "default":
+        labels[-1] += f"({c['compile_mode']})"
+    return "+".join(parts + labels)
 
 
 def combinations(kind: str, exclude: set[str]) -> list[dict]:
@@ -121,7 +124,8 @@ def make_module(config: str, combo: dict):
     from sr3_lightning.module import SR3Module
 
     cfg, num_timesteps = CONFIGS[config]
-    return SR3Module(unet=cfg, num_timesteps=num_timesteps, **{k: combo[k] for k in KNOBS})
+    mode = combo.get("compile_mode", "default")
+    return SR3Module(unet=cfg, num_timesteps=num_timesteps, compile_mode=mode, **{k: combo[k] for k in KNOBS})
 
 
 def fit_blocks(
@@ -328,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
         "--exclude", nargs="*", default=[], choices=["bf16", *KNOBS[1:]], help="drop rows using these"
     )
     ap.add_argument("--only", nargs="*", default=[], help="keep only these rows, e.g. fp32+nosync+sdpa+cl")
+    ap.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode of the compile rows (reduce-overhead: CUDA graphs)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on GPU, 1 on CPU)")
     ap.add_argument(
@@ -356,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = args.batches or (["4", "max"] if gpu else ["4"])
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     steps = args.steps or (20 if gpu else 2)
-    combos = combinations(args.combos, set(args.exclude))
+    combos = [{**c, "compile_mode": args.compile_mode} for c in combinations(args.combos, set(args.exclude))]
     combos = [c for c in combos if not args.only or row_name(c) in args.only]
     common = {"config": args.config, "device": str(device), "warmup": warmup, "steps": steps}
     common |= {"repeats": args.repeats, "threads": torch.get_num_threads()}

@@ -2,8 +2,11 @@
 
 Each is a switch on `SR3Module` (``model.channels_last``, ``model.compile``, ``model.fused_attention``,
 ``model.fused_adam``); ``null`` (the default) picks the fastest setting for the device the trainer runs on
-(`FastPaths.resolve`). They are applied in place, so the UNet keeps the reference's state_dict keys and
-every checkpoint format still loads. All of them are exact in float32 up to 1e-5 (tests/test_fast_paths.py).
+(`FastPaths.resolve`). ``model.compile_mode`` is passed to ``torch.compile``: ``reduce-overhead`` replays
+the UNet's forward and backward as CUDA graphs, for steps whose time goes to kernel launches (small
+batches; ``benchmarks/profile_step.py`` tells). They are applied in place, so the UNet keeps the
+reference's state_dict keys and every checkpoint format still loads. All of them are exact in float32 up
+to 1e-5 (tests/test_fast_paths.py).
 
 The other fast paths are Lightning's and need no code here:
 
@@ -33,6 +36,18 @@ from sr3_lightning.models.unet import SelfAttention
 # than the for-loop Adam; channels_last makes forward + backward ~25% slower (oneDNN); torch.compile gained
 # nothing on the demo model and costs minutes of C++ compilation per run. On CUDA every fast path is on.
 CPU_DEFAULTS = {"channels_last": False, "compile": False, "fused_adam": True}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"model.compile_mode={mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    return mode
+
+
+def uses_cuda_graphs(mode: str) -> bool:
+    """Whether ``torch.compile(mode=mode)`` replays CUDA graphs (on CUDA devices)."""
+    return mode in ("reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,7 @@ class FastPaths:
     compile: bool = False
     fused_attention: bool = True
     fused_adam: bool = False
+    compile_mode: str = "default"
 
     @classmethod
     def resolve(
@@ -52,6 +68,7 @@ class FastPaths:
         compile: bool | None = None,
         fused_attention: bool = True,
         fused_adam: bool | None = None,
+        compile_mode: str = "default",
     ) -> FastPaths:
         """Fill each ``None`` with the fastest setting for ``device`` (CUDA: all on; CPU: `CPU_DEFAULTS`)."""
         device = torch.device(device)
@@ -63,6 +80,7 @@ class FastPaths:
             compile=auto["compile"] if compile is None else compile,
             fused_attention=fused_attention,
             fused_adam=auto["fused_adam"] if fused_adam is None else fused_adam,
+            compile_mode=check_compile_mode(compile_mode),
         )
 
     def apply(self, unet: nn.Module) -> nn.Module:
@@ -74,7 +92,7 @@ class FastPaths:
             if isinstance(m, SelfAttention):
                 use_math_attention(m, not self.fused_attention)
         if self.compile:
-            unet.compile()
+            unet.compile(mode=self.compile_mode)
         elif getattr(unet, "_compiled_call_impl", None) is not None:
             unet._compiled_call_impl = None  # undo an earlier nn.Module.compile()
         unet._fast_paths = self

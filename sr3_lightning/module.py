@@ -24,7 +24,7 @@ from sr3_lightning.diffusion import (
     sample_noise_level,
 )
 from sr3_lightning.diffusion.losses import check_t_range
-from sr3_lightning.fast_paths import FastPaths, use_fused_adam
+from sr3_lightning.fast_paths import FastPaths, check_compile_mode, use_fused_adam, uses_cuda_graphs
 from sr3_lightning.models.unet import UNet, UNetConfig, init_orthogonal
 from sr3_lightning.nonfinite import NonFiniteGuard
 
@@ -63,6 +63,7 @@ class SR3Module(LightningModule):
         nonfinite_patience: int = 10,
         channels_last: bool | None = None,
         compile: bool | None = None,
+        compile_mode: str = "default",
         fused_attention: bool = True,
         fused_adam: bool | None = None,
         progress_bar_loss: bool = False,
@@ -94,6 +95,8 @@ class SR3Module(LightningModule):
             channels_last: UNet weights and activations in NHWC (faster convolutions on GPU and CPU).
                 None = the fastest for the device (`sr3_lightning.fast_paths.FastPaths.resolve`).
             compile: ``torch.compile`` the UNet in place (keys unchanged). None = on with CUDA, off on CPU.
+            compile_mode: ``torch.compile`` mode; ``reduce-overhead`` replays forward and backward as CUDA
+                graphs (for launch-bound small batches; not with gradient accumulation).
             fused_attention: attention by fused ``scaled_dot_product_attention``; False = the unfused
                 softmax(q k^T) v of the reference (for comparisons).
             fused_adam: use the fused Adam/AdamW kernel. None = on where the parameters' device has it.
@@ -109,6 +112,7 @@ class SR3Module(LightningModule):
         self.schedule = make_schedule(beta_schedule, num_timesteps, beta_start, beta_end)
         self.t_max = num_timesteps if t_max is None else t_max
         check_t_range(t_min, self.t_max, num_timesteps)
+        check_compile_mode(compile_mode)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay={ema_decay}: use a value in (0, 1), e.g. 0.9999, or null to disable")
         self.unet = UNet(unet)
@@ -125,11 +129,14 @@ class SR3Module(LightningModule):
         self._guard = NonFiniteGuard(nonfinite_patience)
         self._step_finite: Tensor | None = None  # this step's "gradients are finite", on the device
         self._batch_keys: list[str] = []
+        self._cuda_graphs = False  # compile_mode replays CUDA graphs (set in setup, once the device is known)
 
     # ----------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
         self._batch_keys = list(batch.get("key", []))
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.batch_loss(batch).mean()
@@ -205,9 +212,19 @@ class SR3Module(LightningModule):
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
+        device = self.trainer.strategy.root_device
+        mode = hp.get("compile_mode", "default")
         paths = FastPaths.resolve(
-            self.trainer.strategy.root_device, hp.channels_last, hp.compile, hp.fused_attention, hp.fused_adam
+            device, hp.channels_last, hp.compile, hp.fused_attention, hp.fused_adam, mode
         )
+        graphs = paths.compile and uses_cuda_graphs(mode)  # on CUDA; checked on any device alike
+        self._cuda_graphs = graphs and device.type == "cuda"
+        if graphs and stage == "fit" and self.trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"model.compile_mode={mode} (CUDA graphs) cannot accumulate gradients over "
+                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} batches: raise "
+                "data.batch_size instead, or use model.compile_mode=default"
+            )
         for unet in (self.unet, self.ema_unet):
             if unet is not None:
                 paths.apply(unet)

@@ -238,6 +238,26 @@ def test_every_fast_path_switches_from_the_config(tiny_shards, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.unet.parameters())
 
 
+def test_compile_mode_reaches_torch_compile_and_is_checked(tiny_shards, tmp_path, monkeypatch):
+    """``model.compile_mode`` is what torch.compile gets; a bad mode and CUDA graphs with gradient
+    accumulation are refused with the knob named before any training."""
+    modes = []
+    monkeypatch.setattr(UNet, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    args = ("--model.compile=true", "--model.compile_mode=max-autotune-no-cudagraphs")
+    cli_main(tiny_fit_args(tiny_shards, tmp_path / "ok", 1, *args))
+    assert modes == ["max-autotune-no-cudagraphs"]
+    with pytest.raises(ValueError, match="model.compile_mode='fastest': use one of default, reduce-overhead"):
+        cli_main(tiny_fit_args(tiny_shards, tmp_path / "bad", 1, "--model.compile_mode=fastest"))
+    graphs = (
+        "--model.compile=true",
+        "--model.compile_mode=reduce-overhead",
+        "--trainer.accumulate_grad_batches=2",
+    )
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2 batches: raise data.batch_size"):
+        cli_main(tiny_fit_args(tiny_shards, tmp_path / "acc", 1, *graphs))
+    assert modes == ["max-autotune-no-cudagraphs"]
+
+
 def test_find_max_batch_doubles_then_bisects():
     tried = []
 
