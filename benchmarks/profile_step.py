@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({result['kernel_s_per_step'] * 1e3:.2f} ms of kernel time) | GPU busy {busy} | "
         f"host ops/step {result['host_ops_per_step']:.0f}"
     )
-    sort = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    sort = "self_device_time_total" if gpu else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
     out = args.json or RESULTS / f"profile_step-{device.type}_{args.config}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
