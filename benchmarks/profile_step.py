@@ -32,8 +32,8 @@ from train_step import (
     CONFIGS,
     RESULTS,
     THREADS_HELP,
-    RepeatBatch,
     combinations,
+    fit_on_batch,
     make_batch,
     make_module,
     row_name,
@@ -54,8 +54,7 @@ def busy_fraction(intervals: list[tuple[float, float]], wall: float) -> float:
 
 def profile_fit(module, precision: str, batch: dict, device: torch.device, warmup: int, steps: int):
     """``trainer.fit`` for ``warmup + steps`` steps, the last ``steps`` profiled; (profile, wall s)."""
-    from lightning.pytorch import Callback, Trainer
-    from torch.utils.data import DataLoader
+    from lightning.pytorch import Callback
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
@@ -73,20 +72,7 @@ def profile_fit(module, precision: str, batch: dict, device: torch.device, warmu
             wall.append(time.perf_counter())
             prof.__exit__(None, None, None)
 
-    trainer = Trainer(
-        accelerator=device.type,
-        devices=1,
-        precision=precision,
-        max_steps=warmup + steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        benchmark=device.type == "cuda",
-        callbacks=[Window()],
-    )
-    loader = DataLoader(RepeatBatch(batch), batch_size=None, pin_memory=device.type == "cuda")
-    trainer.fit(module, train_dataloaders=loader)
+    fit_on_batch(module, precision, batch, device, warmup + steps, [Window()])
     return prof, wall[1] - wall[0]
 
 

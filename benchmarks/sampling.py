@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         compile_for_sampling(module.sampling_unet)
     val = load_val(val_specs, module, args.num_images)
     T = module.schedule.num_timesteps
-    step = torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step")
+    step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get(
+        "global_step"
+    )  # no tensor read
     print(f"model {ckpt} (T={T}, {step} steps), {len(val['hr'])} val images, device {device_name(device)}")
 
     meta = {

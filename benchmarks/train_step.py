@@ -128,6 +128,36 @@ def make_module(config: str, combo: dict):
     return SR3Module(unet=cfg, num_timesteps=num_timesteps, compile_mode=mode, **{k: combo[k] for k in KNOBS})
 
 
+def fit_on_batch(
+    module,
+    precision: str,
+    batch: dict,
+    device: torch.device,
+    max_steps: int,
+    callbacks: list,
+    benchmark: bool | None = None,
+) -> None:
+    """``trainer.fit`` for ``max_steps`` on ``batch`` repeated, with nothing but ``callbacks`` attached (no
+    logger, checkpoints or progress bar). ``benchmark`` (cuDNN autotuning) defaults to on with CUDA, as the
+    reference's sr.py sets it."""
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=precision,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        benchmark=device.type == "cuda" if benchmark is None else benchmark,
+        callbacks=callbacks,
+    )
+    loader = DataLoader(RepeatBatch(batch), batch_size=None, pin_memory=device.type == "cuda")
+    trainer.fit(module, train_dataloaders=loader)
+
+
 def fit_blocks(
     module,
     precision: str,
@@ -141,9 +171,8 @@ def fit_blocks(
     """``trainer.fit`` for warmup + steps * blocks steps; the mean step time of each block of ``steps``.
 
     One synchronisation per block boundary; CUDA peak memory stats are reset when timing starts.
-    ``benchmark`` (cuDNN autotuning) defaults to on with CUDA, as the reference's sr.py sets it.
     """
-    from lightning.pytorch import Callback, Trainer
+    from lightning.pytorch import Callback
 
     marks: list[float] = []
 
@@ -159,20 +188,7 @@ def fit_blocks(
             synchronize(device)
             marks.append(time.perf_counter())
 
-    trainer = Trainer(
-        accelerator=device.type,
-        devices=1,
-        precision=precision,
-        max_steps=warmup + steps * blocks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        benchmark=device.type == "cuda" if benchmark is None else benchmark,
-        callbacks=[StepTimer()],
-    )
-    loader = DataLoader(RepeatBatch(batch), batch_size=None, pin_memory=device.type == "cuda")
-    trainer.fit(module, train_dataloaders=loader)
+    fit_on_batch(module, precision, batch, device, warmup + steps * blocks, [StepTimer()], benchmark)
     return [(b - a) / steps for a, b in zip(marks, marks[1:])]
 
 

@@ -12,25 +12,10 @@ import statistics
 import time
 
 import torch
+from train_step import CONFIGS  # the 16->128 model and the demo's
 
 from sr3_lightning.diffusion import denoising_loss, make_schedule, sample_noise_level
-from sr3_lightning.models.unet import UNet, UNetConfig
-
-CONFIGS = {
-    "real": (UNetConfig(), 2000),  # the reference 16->128 model, 97.8 M parameters
-    "tiny": (  # configs/demo.yaml
-        UNetConfig(
-            inner_channel=16,
-            norm_groups=8,
-            channel_multiplier=(1, 2, 2),
-            attn_res=(8,),
-            res_blocks=1,
-            dropout=0.0,
-            image_size=32,
-        ),
-        100,
-    ),
-}
+from sr3_lightning.models.unet import UNet
 
 
 def timed(fn, repeats: int) -> float:
