@@ -131,7 +131,17 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(b, self.n_head, head_dim * 3, h * w)
         q, k, v = (t.transpose(-1, -2) for t in qkv.chunk(3, dim=2))  # [b, n, hw, d]
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(c))
-        return self.out(out.transpose(-1, -2).reshape(b, c, h, w)) + x
+        # [b, n, hw, d] -> [b, c, h, w] is a channels_last view; keep x's layout, or every later conv
+        # would copy its weights to channels_last on each call (slow on CPU, where it is off)
+        out = out.transpose(-1, -2).reshape(b, c, h, w).contiguous(memory_format=memory_format_of(x))
+        return self.out(out) + x
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is laid out that way (and not also plain contiguous), else contiguous."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class ResnetBlocWithAttn(nn.Module):
