@@ -49,6 +49,10 @@ def test_fused_adam_takes_the_device_path():
     assert skips_on_device(adam(fused=True)[1]) and not skips_on_device(adam(fused=False)[1])
     assert not all_finite([torch.ones(2), torch.tensor([1.0, NAN])]).item()
     assert all_finite([torch.full((3,), 3e38)]).item()  # large but finite gradients are not "non-finite"
+    assert not all_finite([torch.ones(2), torch.tensor([-float("inf")], dtype=torch.bfloat16)]).item()
+    grads = [torch.tensor([1.5, -3e38]), torch.tensor([0.25], dtype=torch.float16)]
+    before = [g.clone() for g in grads]
+    assert all_finite(grads).item() and all(torch.equal(g, b) for g, b in zip(grads, before))
 
 
 @pytest.mark.parametrize("fused", [True, False])
