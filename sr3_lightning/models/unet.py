@@ -52,8 +52,11 @@ class PositionalEncoding(nn.Module):
 
 
 class Swish(nn.Module):
+    """x * sigmoid(x), as the reference writes it, computed by the one fused SiLU kernel: one pass over
+    memory and one dispatched op each way instead of two forward and four backward (equal to 1 ulp)."""
+
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(x)
+        return F.silu(x)
 
 
 class FeatureWiseAffine(nn.Module):
