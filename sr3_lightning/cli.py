@@ -12,6 +12,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from sr3_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from sr3_lightning.data.datamodule import SR3DataModule
 from sr3_lightning.module import SR3Module
@@ -39,7 +40,8 @@ class SaveConfigToRun(SaveConfigCallback):
 
 
 class SR3CLI(LightningCLI):
-    """LightningCLI with a ``tracking`` section; the model's image size is written once and linked."""
+    """LightningCLI with a ``tracking`` section; the model's image size is written once and linked;
+    ``last.ckpt`` always holds the final step (`FinalCheckpoint`)."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         super().__init__(
@@ -47,6 +49,7 @@ class SR3CLI(LightningCLI):
             SR3DataModule,
             save_config_callback=SaveConfigToRun,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [FinalCheckpoint()]},
             args=args,
             **kwargs,
         )

@@ -147,3 +147,18 @@ def test_best_by_metric_checkpoint_monitors_a_domain_eval_metric(tiny_shards, tm
     monitor = [cb for cb in cli.trainer.checkpoint_callbacks if cb.monitor == "val/anime/psnr"][0]
     assert Path(monitor.best_model_path).name.startswith("best-step=")
     assert float(monitor.best_model_score) > 0
+
+
+def test_last_checkpoint_holds_the_final_step_and_resumes_exactly(tiny_shards, tmp_path):
+    """A run that stops between periodic saves (here max_steps=7, saves every 5) must not lose steps 6-7."""
+    cli = cli_main(args_for(tiny_shards, tmp_path / "stopped", 7))
+    assert cli.trainer.global_step == 7 and final_state(tmp_path / "stopped")["global_step"] == 7
+    cli_main(args_for(tiny_shards, tmp_path / "stopped", 12))
+    cli_main(args_for(tiny_shards, tmp_path / "straight", 12))
+    assert_same_training_state(final_state(tmp_path / "straight"), final_state(tmp_path / "stopped"))
+
+
+def test_a_time_budget_saves_the_step_it_stopped_at(tiny_shards, tmp_path):
+    cli = cli_main(args_for(tiny_shards, tmp_path, 100_000, "--trainer.max_time=00:00:00:04"))
+    assert 0 < cli.trainer.global_step < 100_000
+    assert final_state(tmp_path)["global_step"] == cli.trainer.global_step

@@ -1,0 +1,33 @@
+"""FinalCheckpoint: ``last.ckpt`` holds the step training ended on, not only the last periodic save.
+
+Lightning's ``ModelCheckpoint(save_last=True, every_n_train_steps=N)`` writes ``last.ckpt`` only when it
+saves a periodic checkpoint. A run that stops between two of them (``trainer.max_time``, a ``max_steps``
+that is not a multiple of N, early stopping) would leave ``last.ckpt`` up to N - 1 steps behind, and a
+resumed run would train those steps again. The CLI adds this callback to every ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+class FinalCheckpoint(Callback):
+    """At the end of training, every ``ModelCheckpoint`` with ``save_last=True`` that has not saved the
+    final step writes ``last.ckpt`` for it (``save_last="link"`` keeps Lightning's meaning: a link to the
+    newest periodic checkpoint)."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == 0 or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or callback.save_last is not True:
+                continue
+            if callback._last_global_step_saved == trainer.global_step:
+                continue
+            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            log.info("saved %s at the final step %d", callback.last_model_path, trainer.global_step)
