@@ -40,7 +40,7 @@ from types import ModuleType
 import numpy as np
 import torch
 from device_info import device_name, synchronize
-from train_step import CONFIGS, RESULTS, THREADS_HELP, fit_blocks, make_batch
+from step_harness import CONFIGS, RESULTS, THREADS_HELP, fit_blocks, make_batch
 
 from sr3_lightning.module import SR3Module
 

@@ -26,9 +26,7 @@ from pathlib import Path
 
 import torch
 from device_info import device_name, synchronize
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
-from train_step import (
+from step_harness import (
     CONFIGS,
     RESULTS,
     THREADS_HELP,
@@ -38,6 +36,8 @@ from train_step import (
     make_module,
     row_name,
 )
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 FASTEST = "bf16+nosync+sdpa+cl+fadam+compile"
 

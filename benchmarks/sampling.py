@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from device_info import device_name, synchronize
-from train_step import RESULTS, THREADS_HELP
+from step_harness import RESULTS, THREADS_HELP
 
 from sr3_lightning.data.datamodule import SR3DataModule, ValDomain
 from sr3_lightning.data.shards import ShardIndex, find_index

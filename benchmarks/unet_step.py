@@ -12,7 +12,7 @@ import statistics
 import time
 
 import torch
-from train_step import CONFIGS  # the 16->128 model and the demo's
+from step_harness import CONFIGS  # the 16->128 model and the demo's
 
 from sr3_lightning.diffusion import denoising_loss, make_schedule, sample_noise_level
 from sr3_lightning.models.unet import UNet
