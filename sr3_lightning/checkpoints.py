@@ -67,13 +67,21 @@ def find_reference_config(gen_path: Path) -> Path | None:
     return None
 
 
+_STRING_OR_COMMENT = re.compile(r'("(?:\\.|[^"\\])*")|//[^\n]*')
+
+
+def strip_json_comments(text: str) -> str:
+    """Drop ``//`` comments, whole-line or after a value, as the reference's configs carry them.
+
+    Strings are matched first, so a ``//`` inside one (a URL) stays.
+    """
+    return _STRING_OR_COMMENT.sub(lambda m: m.group(1) or "", text)
+
+
 def read_reference_config(path: Path) -> tuple[UNetConfig, dict]:
     """UNet config and training schedule from a reference JSON (``model.unet``, ``model.beta_schedule``)."""
-    text = re.sub(
-        r"^\s*//.*$", "", Path(path).read_text(), flags=re.M
-    )  # the reference's JSONs carry comments
     try:
-        model = json.loads(text)["model"]
+        model = json.loads(strip_json_comments(Path(path).read_text()))["model"]
         u = model["unet"]
         config = UNetConfig(
             in_channel=u["in_channel"],

@@ -87,6 +87,21 @@ def test_architecture_is_inferred_from_weights_when_no_config(tmp_path):
     torch.testing.assert_close(out, io["unet_out"], atol=1e-5, rtol=0)
 
 
+def test_config_beside_checkpoint_may_carry_comments_after_values(tmp_path):
+    """The reference's configs comment after values (``"phase": "train", // train or val``)."""
+    shutil.copy(REF / "tiny_gen.pth", tmp_path / "tiny_gen.pth")
+    lines = (REF / "tiny_config.json").read_text().splitlines()
+    commented = ["// sr3 config, reference style"] + [
+        f"{line} // {i}" if line.rstrip().endswith(",") else line for i, line in enumerate(lines)
+    ]
+    text = "\n".join(commented).replace('"name": "sr_tiny_reference"', '"name": "http://x//y"')
+    (tmp_path / "config.json").write_text(text)
+    assert sum("// " in line for line in commented) > 10
+    ck = load_reference(tmp_path / "tiny_gen.pth")
+    assert ck.config == TINY
+    assert ck.schedule_spec == {"kind": "linear", "num_timesteps": 100, "start": 1e-6, "end": 1e-2}
+
+
 def test_truncated_file_is_a_clear_error(tmp_path):
     data = (REF / "tiny_gen.pth").read_bytes()
     (tmp_path / "cut_gen.pth").write_bytes(data[: len(data) // 2])
