@@ -269,6 +269,29 @@ def _check_optimizer(opt_state: dict, unet: UNet, source: Path) -> None:
             )
 
 
+def take_over_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str) -> list[str]:
+    """Load the moments and step counts of ``state``, keeping the optimizer's configured settings.
+
+    ``Optimizer.load_state_dict`` alone would also bring back the saved lr, betas, eps and weight decay,
+    silently overriding the run's config. Returns the settings that differed, as ``lr=1e-05 (saved 0.0001)``.
+    """
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{source}: its optimizer state does not fit this run's optimizer ({err}); "
+            "set model.init_optimizer=false to start with fresh moments."
+        ) from None
+    differed = []
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        for key, value in settings.items():
+            if key in group and str(group[key]) != str(value):
+                differed.append(f"{key}={value} (saved {group[key]})")
+        group.update(settings)
+    return differed
+
+
 def save_reference(
     gen_path: str | Path,
     unet: UNet,

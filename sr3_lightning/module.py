@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from sr3_lightning.checkpoints import load_init_weights
+from sr3_lightning.checkpoints import load_init_weights, take_over_optimizer_state
 from sr3_lightning.diffusion import (
     SampleResult,
     conditional_denoiser,
@@ -86,7 +86,8 @@ class SR3Module(LightningModule):
             ema_decay: keep an exponential moving average of the weights for sampling/evaluation (off: None).
             init_from: start from a reference checkpoint (``.../I640000_E37`` = ``_gen.pth`` + ``_opt.pth``)
                 or one of our ``.ckpt`` files; resuming our own runs uses ``fit --ckpt_path`` instead.
-            init_optimizer: take over the Adam state of ``init_from`` (False: fresh Adam moments).
+            init_optimizer: take over the Adam moments and step counts of ``init_from``; lr, betas and
+                weight decay stay this run's (False: fresh Adam moments).
             seed: seed of the training draws (t, noise, dropout). Step k on rank r always draws the same
                 numbers, so a resumed run continues bit for bit without carrying RNG state.
             nonfinite_patience: a step with non-finite gradients is skipped and counted; this many in a
@@ -249,8 +250,10 @@ class SR3Module(LightningModule):
 
     def on_fit_start(self) -> None:
         if self._init_optimizer_state is not None and self.trainer.ckpt_path is None:
-            self.trainer.optimizers[0].load_state_dict(self._init_optimizer_state)
-            log.info("took over the optimizer state of %s", self.hparams.init_from)
+            source, state = self.hparams.init_from, self._init_optimizer_state
+            differed = take_over_optimizer_state(self.trainer.optimizers[0], state, source)
+            kept = f"; kept the configured {', '.join(sorted(set(differed)))}" if differed else ""
+            log.info("took over the optimizer state (moments, step counts) of %s%s", source, kept)
         self._init_optimizer_state = None
 
     # ----------------------------------------------------------------------------------------- sampling

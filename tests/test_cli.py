@@ -112,11 +112,17 @@ def test_import_reference_then_init_from_takes_over_adam_state(tiny_shards, tmp_
     model = SR3Module.load_from_checkpoint(ckpt)
     ref = torch.load(REF / "tiny_gen.pth", weights_only=True)
     assert torch.equal(model.unet.downs[0].weight, ref["denoise_fn.downs.0.weight"])
+    saved = torch.load(REF / "tiny_opt.pth", weights_only=True)["optimizer"]["param_groups"][0]
+    assert (saved["lr"], saved["weight_decay"]) == (1e-4, 0)
+    configured = ["--model.optimizer=torch.optim.AdamW", "--model.optimizer.lr=3e-5"]
     for name, init_from in (("ref", REF / "tiny"), ("ours", ckpt)):  # the reference pair, our converted file
         run = tmp_path / name
-        cli = cli_main(fit_args(tiny_shards, run, f"--model.init_from={init_from}", "--trainer.max_steps=1"))
-        adam = cli.trainer.optimizers[0].state_dict()["state"][0]
-        assert float(adam["step"]) == 3.0  # the reference's 2 steps + ours
+        extra = (f"--model.init_from={init_from}", "--trainer.max_steps=1", *configured)
+        cli = cli_main(fit_args(tiny_shards, run, *extra, "--model.optimizer.weight_decay=0.05"))
+        optimizer = cli.trainer.optimizers[0]
+        assert float(optimizer.state_dict()["state"][0]["step"]) == 3.0  # the reference's 2 steps + ours
+        group = optimizer.param_groups[0]  # the moments are taken over, the config's settings kept
+        assert (group["lr"], group["weight_decay"]) == (3e-5, 0.05)
 
 
 def test_import_reference_bad_file_is_one_paragraph_without_traceback(tmp_path):
