@@ -35,9 +35,10 @@ Sampler = Literal["ddpm", "ddim"]
 REGRESSION_NOISE_LEVEL = 1.0
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A distinct 63-bit seed per (seed, step, rank): the training draws depend on these alone."""
-    return (seed * 1_000_003 + step * 8_191 + rank) % (2**63 - 1)
+def step_seed(seed: int, step: int, rank: int, micro_batch: int = 0) -> int:
+    """A distinct 63-bit seed per (seed, step, rank, micro-batch of a gradient-accumulation window): the
+    training draws depend on these alone (distinct for steps < 2^27, ranks < 8191)."""
+    return (seed * 1_000_003 + step * 8_191 + rank + micro_batch * 2**40) % (2**63 - 1)
 
 
 class SR3Module(LightningModule):
@@ -88,8 +89,9 @@ class SR3Module(LightningModule):
                 or one of our ``.ckpt`` files; resuming our own runs uses ``fit --ckpt_path`` instead.
             init_optimizer: take over the Adam moments and step counts of ``init_from``; lr, betas and
                 weight decay stay this run's (False: fresh Adam moments).
-            seed: seed of the training draws (t, noise, dropout). Step k on rank r always draws the same
-                numbers, so a resumed run continues bit for bit without carrying RNG state.
+            seed: seed of the training draws (t, noise, dropout). Step k on rank r (micro-batch m of a
+                gradient-accumulation window) always draws the same numbers, so a resumed run continues
+                bit for bit without carrying RNG state.
             nonfinite_patience: a step with non-finite gradients is skipped and counted; this many in a
                 row stop the run with the step and the batch keys (checked every
                 ``trainer.log_every_n_steps`` with fused Adam, at once with other optimizers).
@@ -137,7 +139,8 @@ class SR3Module(LightningModule):
 
     # ----------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank))
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches  # global_step counts optimizer steps
+        torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank, micro_batch))
         self._batch_keys = list(batch.get("key", []))
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Callback
+from torch import Tensor
 
 from sr3_lightning import load_reference
 from sr3_lightning.cli import cli_main
@@ -30,7 +31,7 @@ from sr3_lightning.fast_paths import (
     use_fused_adam,
 )
 from sr3_lightning.models.unet import SelfAttention, UNet
-from sr3_lightning.module import SR3Module
+from sr3_lightning.module import SR3Module, step_seed
 from tests.loop import fit_on_tiny_batch, tiny_fit_args
 from tests.reference import REF, TINY, tiny_io, tiny_unet
 
@@ -324,3 +325,20 @@ def test_ema_follows_each_optimizer_step_once_with_gradient_accumulation(tmp_pat
     fit_on_tiny_batch(model, tmp_path, 3, accumulate_grad_batches=2, callbacks=[Recurrence()])
     for e, ema in zip(expected, model.ema_unet.parameters()):
         torch.testing.assert_close(ema, e, rtol=0, atol=1e-6)
+
+
+def test_each_micro_batch_of_an_accumulation_window_draws_its_own_noise(tmp_path):
+    """global_step counts optimizer steps, so the micro-batches of one window must not share its seed."""
+    after_draws: list[tuple[int, Tensor]] = []
+
+    class Draws(Callback):
+        def on_before_backward(self, trainer, pl_module, loss) -> None:
+            after_draws.append((torch.initial_seed(), torch.get_rng_state()))
+
+    model = SR3Module(unet=TINY, num_timesteps=100, seed=3)
+    fit_on_tiny_batch(model, tmp_path, 2, accumulate_grad_batches=2, callbacks=[Draws()])
+    seeds = [seed for seed, _ in after_draws]
+    assert seeds == [step_seed(3, step, 0, micro) for step in (0, 1) for micro in (0, 1)]
+    assert seeds[0] == step_seed(3, 0, 0)  # without accumulation the seeds are those of earlier releases
+    states = [state for _, state in after_draws]
+    assert all(not torch.equal(a, b) for i, a in enumerate(states) for b in states[i + 1 :])
