@@ -51,5 +51,6 @@ def test_respace_keeps_endpoints_count_and_gamma():
     assert torch.equal(sub.alphas_cumprod, full.alphas_cumprod[sub.timesteps])
     assert torch.equal(sub.sqrt_alphas_cumprod, full.sqrt_alphas_cumprod[sub.timesteps])
     assert respace(full, 2000).timesteps.tolist() == list(range(2000))
+    assert respace(full, 1).timesteps.tolist() == [1999]  # one step from pure noise starts at T
     with pytest.raises(ValueError, match="steps=0"):
         respace(full, 0)

@@ -184,14 +184,16 @@ def make_schedule(
 def respace(schedule: Schedule, steps: int | Sequence[int]) -> Schedule:
     """Keep a subsequence of the steps and recompute betas so gamma is unchanged at the kept steps.
 
-    ``steps`` is a count K (evenly spaced, first and last step kept) or explicit 0-based step indices.
+    ``steps`` is a count K (evenly spaced, first and last step kept; K = 1 keeps the last, the one a
+    chain from pure noise must start at) or explicit 0-based step indices.
     SR3 conditions on the continuous noise level, so the network needs no change for any subsequence.
     """
     total = schedule.num_timesteps
     if isinstance(steps, int):
         if not 1 <= steps <= total:
             raise ValueError(f"steps={steps}: choose between 1 and the schedule's {total} steps")
-        kept = np.unique(np.round(np.linspace(0, total - 1, steps)).astype(np.int64))
+        first = 0 if steps > 1 else total - 1
+        kept = np.unique(np.round(np.linspace(first, total - 1, steps)).astype(np.int64))
     else:
         kept = np.unique(np.asarray(list(steps), dtype=np.int64))
         if len(kept) == 0 or kept[0] < 0 or kept[-1] >= total:
