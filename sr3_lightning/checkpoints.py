@@ -315,6 +315,15 @@ class InitWeights:
 
     optimizer_state: dict | None
     description: str
+    schedule: Schedule | None  # the noise schedule it was trained with, where the file says
+    schedule_spec: dict | None
+
+    def schedule_differs(self, schedule: Schedule) -> bool:
+        """True when ``schedule``'s noise levels are not the ones these weights were trained on."""
+        if self.schedule is None:
+            return False
+        theirs, ours = self.schedule.alphas_cumprod, schedule.alphas_cumprod.cpu()
+        return theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-6, atol=0)
 
 
 def resolve_reference_pair(source: str | Path) -> tuple[Path, Path | None]:
@@ -344,11 +353,21 @@ def load_init_weights(source: str | Path, unet: UNet) -> InitWeights:
         _check_shapes(unet, weights, path)
         unet.load_state_dict(weights, strict=True)
         opt_states = ckpt.get("optimizer_states") or [None]
-        return InitWeights(opt_states[0], f"{path} (step {ckpt.get('global_step', 0)})")
+        hp = ckpt.get("hyper_parameters", {})
+        keys = {
+            "kind": "beta_schedule",
+            "num_timesteps": "num_timesteps",
+            "start": "beta_start",
+            "end": "beta_end",
+        }
+        spec = {k: hp[name] for k, name in keys.items()} if all(n in hp for n in keys.values()) else None
+        schedule = make_schedule(**spec) if spec else None
+        return InitWeights(opt_states[0], f"{path} (step {ckpt.get('global_step', 0)})", schedule, spec)
     gen, opt = resolve_reference_pair(source)
     ref = load_reference(gen, opt, config=unet.config)
     unet.load_state_dict(ref.unet.state_dict(), strict=True)
-    return InitWeights(ref.optimizer_state, f"reference {gen} (iteration {ref.step}, epoch {ref.epoch})")
+    description = f"reference {gen} (iteration {ref.step}, epoch {ref.epoch})"
+    return InitWeights(ref.optimizer_state, description, ref.schedule, ref.schedule_spec)
 
 
 def write_checkpoint(path: str | Path, ref: ReferenceCheckpoint, hparams: dict) -> None:

@@ -126,6 +126,21 @@ class SR3Module(LightningModule):
             init = load_init_weights(init_from, self.unet)
             self._init_optimizer_state = init.optimizer_state if init_optimizer else None
             log.info("initialised from %s", init.description)
+            if init.schedule_differs(self.schedule):
+                ours = {
+                    "kind": beta_schedule,
+                    "num_timesteps": num_timesteps,
+                    "start": beta_start,
+                    "end": beta_end,
+                }
+                log.warning(
+                    "%s was trained on the noise schedule %s; this run uses %s. SR3 conditions on the noise "
+                    "level, so this works, but if it is not intended set model.beta_schedule, "
+                    "model.num_timesteps, model.beta_start and model.beta_end to the checkpoint's.",
+                    init_from,
+                    init.schedule_spec,
+                    ours,
+                )
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False) if ema_decay else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler

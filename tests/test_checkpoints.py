@@ -1,3 +1,4 @@
+import logging
 import shutil
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from sr3_lightning import load_reference, save_reference
 from sr3_lightning.checkpoints import CheckpointError
 from sr3_lightning.diffusion import denoising_loss
+from sr3_lightning.module import SR3Module
 from tests.reference import REF, TINY, tiny_io
 
 
@@ -123,3 +125,20 @@ def test_wrong_architecture_names_the_first_offending_key():
 def test_optimizer_file_given_as_generator_is_named():
     with pytest.raises(CheckpointError, match="unexpected key epoch.*Is this an \\*_opt.pth"):
         load_reference(REF / "tiny_opt.pth")
+
+
+def test_init_from_on_another_noise_schedule_warns_with_both(caplog, tmp_path):
+    """SR3 conditions on the noise level, so another schedule works; an unintended one must not be silent."""
+    with caplog.at_level(logging.WARNING, logger="sr3_lightning"):
+        SR3Module(unet=TINY, num_timesteps=100, init_from=str(REF / "tiny"))
+    assert not caplog.records  # the tiny reference was trained with linear 1e-6..1e-2 over T = 100
+    ckpt = tmp_path / "t2000.ckpt"
+    model = SR3Module(unet=TINY, num_timesteps=2000, init_from=str(REF / "tiny"))
+    assert "'num_timesteps': 100" in caplog.text and "'num_timesteps': 2000" in caplog.text
+    caplog.clear()
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, ckpt)
+    with caplog.at_level(logging.WARNING, logger="sr3_lightning"):
+        SR3Module(unet=TINY, num_timesteps=2000, init_from=str(ckpt))
+        assert not caplog.records
+        SR3Module(unet=TINY, num_timesteps=2000, beta_end=2e-2, init_from=str(ckpt))
+    assert "'end': 0.02" in caplog.text and "model.beta_end" in caplog.text
