@@ -1,4 +1,4 @@
-"""``python -m sr3_lightning``: LightningCLI (fit/validate/test/predict) plus the project's own commands."""
+"""``python -m sr3_lightning``: LightningCLI (fit, validate) plus the project's own commands."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -16,6 +16,7 @@ from sr3_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from sr3_lightning.data.datamodule import SR3DataModule
 from sr3_lightning.module import SR3Module
+from sr3_lightning.resume import check_resume_settings, read_checkpoint_head
 from sr3_lightning.tracking import Tracking, make_loggers, trim_metrics_csv
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ class SaveConfigToRun(SaveConfigCallback):
 
 class SR3CLI(LightningCLI):
     """LightningCLI with a ``tracking`` section; the model's image size is written once and linked;
-    ``last.ckpt`` always holds the final step (`FinalCheckpoint`)."""
+    ``last.ckpt`` always holds the final step (`FinalCheckpoint`). The optimizer is the model's
+    (``model.optimizer``), so no top-level ``--optimizer`` competes with it."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         super().__init__(
@@ -50,9 +52,21 @@ class SR3CLI(LightningCLI):
             save_config_callback=SaveConfigToRun,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [FinalCheckpoint()]},
+            auto_configure_optimizers=False,
             args=args,
             **kwargs,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate: the module has no test or predict step (``sample`` generates images)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+    def _parse_ckpt_path(self) -> None:
+        """validate builds the model from the checkpoint's settings; fit keeps the given ones, which
+        `before_fit` checks against the checkpoint's instead of silently replacing them."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(Tracking, "tracking")
@@ -73,7 +87,11 @@ class SR3CLI(LightningCLI):
             tracking = self._get(self.config_init, "tracking")
             if isinstance(tracking, Namespace):
                 tracking = Tracking(**tracking.as_dict())
-            kwargs["logger"] = make_loggers(tracking, run_dir)
+            log_dir = run_dir
+            if self.subcommand not in (None, "fit"):  # keep the training run's config and metrics intact
+                log_dir = run_dir / self.subcommand
+                tracking = replace(tracking, name=tracking.name or f"{run_dir.name}-{self.subcommand}")
+            kwargs["logger"] = make_loggers(tracking, log_dir)
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
@@ -86,11 +104,14 @@ class SR3CLI(LightningCLI):
             if found is not None:
                 cfg["ckpt_path"] = str(found)
         if cfg.get("ckpt_path"):
-            step = torch.load(cfg["ckpt_path"], map_location="cpu", weights_only=False, mmap=True)[
-                "global_step"
-            ]
+            step = check_resume_settings(cfg["ckpt_path"], dict(self.model.hparams))
             log.warning("resuming from %s at step %d (pass --fresh to start anew)", cfg["ckpt_path"], step)
             trim_metrics_csv(self.trainer.default_root_dir, step)
+
+    def before_validate(self) -> None:
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            read_checkpoint_head(ckpt_path)  # a missing or unreadable file is named before any work
 
 
 def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
@@ -133,12 +154,19 @@ def _commands() -> dict[str, Callable[[list[str]], None]]:
     }
 
 
+def show_project_logs() -> None:
+    """Our INFO lines (resume, init_from, DomainEval, shards) on stderr; other libraries stay at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("sr3_lightning", "make_shards"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def cli_main(args: ArgsType = None) -> SR3CLI | None:
     """Entry point of `python -m sr3_lightning` and `sr3-lightning`; `args` lets tests run it in-process."""
     argv = list(sys.argv[1:] if args is None else args)
     commands = _commands()
+    show_project_logs()
     if argv and argv[0] in commands:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
         try:
             commands[argv[0]](argv[1:])
         except (ValueError, FileNotFoundError) as err:  # bad input: one paragraph, no traceback
@@ -147,4 +175,14 @@ def cli_main(args: ArgsType = None) -> SR3CLI | None:
         return None
     if argv and argv[0] in ("-h", "--help"):
         print("Project commands: " + ", ".join(commands) + " (each takes --help).\n")
-    return SR3CLI(args=argv)
+    return SR3CLI(args=None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+
+
+def main() -> None:
+    """The command line: bad input (missing or corrupt files, bad values) is one paragraph and exit code 2,
+    not a traceback; in-process callers of `cli_main` get the exception instead."""
+    try:
+        cli_main()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

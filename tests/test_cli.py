@@ -173,3 +173,58 @@ def test_sample_super_resolves_a_folder_of_lr_images(tmp_path):
     )
     assert sorted(p.name for p in out.glob("*_sr.png")) == ["face0_sr.png", "face1_sr.png", "face2_sr.png"]
     assert Image.open(out / "face0_sr.png").size == (32, 32) and (out / "sheet.png").is_file()
+
+
+def test_resume_with_other_model_settings_is_refused_naming_them(tiny_shards, tmp_path):
+    args = fit_args(tiny_shards, tmp_path, "--trainer.max_steps=1")
+    cli_main(args)
+    config = (tmp_path / "config.yaml").read_text()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"model\.loss: l2 \(checkpoint: l1\).*--fresh"):
+        cli_main([*args, "--model.loss=l2", f"--ckpt_path={last}"])  # Lightning would swap l1 back in
+    with pytest.raises(ValueError, match=r"model\.unet\.inner_channel: 16 \(checkpoint: 8\)"):
+        cli_main([*args, "--model.unet.inner_channel=16"])  # found by the automatic resume
+    assert (tmp_path / "config.yaml").read_text() == config
+    cli = cli_main([*args[:-1], "--trainer.max_steps=2", "--model.fused_attention=false"])  # speed only
+    assert cli.trainer.global_step == 2 and not cli.model.hparams.fused_attention
+
+
+def test_validate_logs_beside_the_training_run_not_into_it(tiny_shards, tmp_path):
+    cli_main(fit_args(tiny_shards, tmp_path, "--trainer.max_steps=1"))
+    before = {name: (tmp_path / name).read_text() for name in ("config.yaml", "metrics.csv")}
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    cli = cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:], f"--ckpt_path={last}"])
+    assert "val/anime/loss" in cli.trainer.callback_metrics
+    assert {name: (tmp_path / name).read_text() for name in before} == before
+    assert "val/anime/loss" in (tmp_path / "validate" / "metrics.csv").read_text()
+    with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
+        cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:], f"--ckpt_path={tmp_path}/missing.ckpt"])
+
+
+def test_only_the_model_optimizer_and_fit_validate_are_offered(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    subcommands = capsys.readouterr().out
+    assert "fit" in subcommands and "validate" in subcommands
+    assert "predict" not in subcommands and "{fit,validate}" in subcommands
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    fit_help = capsys.readouterr().out
+    assert "--model.optimizer" in fit_help
+    assert "\n  --optimizer" not in fit_help and "--lr_scheduler" not in fit_help
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sr3_lightning", *args], capture_output=True, text=True)
+
+
+def test_command_line_shows_progress_lines_and_bad_input_without_traceback(tiny_shards, tmp_path):
+    ok = run_module(
+        *fit_args(tiny_shards, tmp_path / "a", f"--model.init_from={REF / 'tiny'}"), "--trainer.max_steps=1"
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert f"initialised from reference {REF / 'tiny_gen.pth'}" in ok.stderr
+    assert "args parameter" not in ok.stderr  # LightningCLI reads sys.argv itself
+    bad = run_module(*fit_args(tmp_path / "nowhere", tmp_path / "b"), "--trainer.max_steps=1")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "error: " in bad.stderr and "nowhere" in bad.stderr

@@ -1,0 +1,84 @@
+"""What a resumed run must keep: the checkpoint it continues from, read with clear errors, and the model
+settings it was trained with, compared against the ones given now."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Settings that change speed or bookkeeping, not what is trained: a resumed run may change them freely.
+FREE_ON_RESUME = frozenset(
+    {
+        "channels_last",
+        "compile",
+        "compile_mode",
+        "fused_attention",
+        "fused_adam",
+        "progress_bar_loss",
+        "nonfinite_patience",
+        "init_from",
+        "init_optimizer",
+    }
+)
+
+
+def read_checkpoint_head(path: str | Path) -> tuple[int, dict[str, Any]]:
+    """The step and saved model settings of a checkpoint to resume or validate (memory-mapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass a .ckpt from a run's checkpoints/ folder, or leave out "
+            "--ckpt_path to resume the run directory's newest checkpoint"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(ckpt["global_step"]), dict(ckpt.get("hyper_parameters") or {})
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is truncated or not an "
+            "sr3-lightning checkpoint. Pick another file from checkpoints/, or start anew with --fresh."
+        ) from None
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists and numbers as floats, so a YAML-parsed value equals the saved one."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def changed_settings(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """``model.KEY: now (checkpoint: then)`` for each trained-model setting that differs from the saved."""
+    changes = []
+    for key in sorted(set(current) & set(saved) - FREE_ON_RESUME):
+        now, then = current[key], saved[key]
+        if key == "unet":
+            changes += [
+                f"model.unet.{k}: {now.get(k)} (checkpoint: {then.get(k)})"
+                for k in sorted(set(now) | set(then))
+                if _plain(now.get(k)) != _plain(then.get(k))
+            ]
+        elif _plain(now) != _plain(then):
+            changes.append(f"model.{key}: {current[key]} (checkpoint: {saved[key]})")
+    return changes
+
+
+def check_resume_settings(path: str | Path, current: dict[str, Any]) -> int:
+    """The checkpoint's step, after checking the run continues with the settings it was trained with."""
+    step, saved = read_checkpoint_head(path)
+    changes = changed_settings(current, saved)
+    if changes:
+        raise ValueError(
+            f"resuming {path} (step {step}) with other model settings than it was trained with: "
+            + "; ".join(changes)
+            + ". A resumed run keeps its settings: drop these changes, or start a new run with --fresh "
+            "(moves the old one aside) or another --trainer.default_root_dir (model.init_from starts "
+            "from these weights)."
+        )
+    return step
