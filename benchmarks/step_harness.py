@@ -75,6 +75,26 @@ def combinations(kind: str, exclude: set[str]) -> list[dict]:
     return list({row_name(r): r for r in rows}.values())
 
 
+def select_rows(combos: list[dict], only: list[str], every: list[str], context: str) -> list[dict]:
+    """The ``combos`` named in ``only`` (all of them when it is empty), checked before any measurement: a
+    mistyped name would otherwise give an empty table and overwrite the results JSON with no rows.
+
+    ``every``: the names any selection could give, to tell a typo from a row that ``context`` (the flags
+    that built ``combos``) leaves out."""
+    names = [row_name(c) for c in combos]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        elsewhere = [n for n in unknown if n in every]
+        hint = f" ({', '.join(elsewhere)}: rows of --combos all, left out here)" if elsewhere else ""
+        raise SystemExit(
+            f"--only {' '.join(unknown)}: no such row in {context}{hint}; the rows are: {', '.join(names)}"
+        )
+    chosen = [c for c in combos if not only or row_name(c) in only]
+    if not chosen:
+        raise SystemExit(f"{context} leaves no rows to measure; drop some --exclude")
+    return chosen
+
+
 # ------------------------------------------------------------------------------- the step under Lightning
 class RepeatBatch(IterableDataset):
     """The same batch forever: the step, not the loader, is measured."""

@@ -44,6 +44,7 @@ from step_harness import (
     make_module,
     peak_memory_bytes,
     row_name,
+    select_rows,
 )
 
 from sr3_lightning.fast_paths import find_max_batch, predict_max_batch
@@ -189,6 +190,17 @@ def print_table(rows: list[dict], device: str) -> None:
         )
 
 
+def selected_combos(args: argparse.Namespace) -> list[dict]:
+    """The rows ``--combos``, ``--exclude``, ``--only`` and ``--compile-mode`` ask for; an error if none."""
+
+    def rows(kind: str, exclude: set[str]) -> list[dict]:
+        return [{**c, "compile_mode": args.compile_mode} for c in combinations(kind, exclude)]
+
+    every = [row_name(c) for c in rows("all", set())]
+    context = f"--combos {args.combos}" + (f" --exclude {' '.join(args.exclude)}" if args.exclude else "")
+    return select_rows(rows(args.combos, set(args.exclude)), args.only, every, context)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=list(CONFIGS), default="real")
@@ -231,10 +243,14 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     batches = args.batches or (["4", "max"] if gpu else ["4"])
+    bad = [b for b in batches if b != "max" and not (b.isdigit() and int(b) > 0)]
+    if bad:
+        raise SystemExit(
+            f"--batches {' '.join(bad)}: each must be a positive integer or 'max', e.g. 4 16 max"
+        )
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     steps = args.steps or (20 if gpu else 2)
-    combos = [{**c, "compile_mode": args.compile_mode} for c in combinations(args.combos, set(args.exclude))]
-    combos = [c for c in combos if not args.only or row_name(c) in args.only]
+    combos = selected_combos(args)
     common = {"config": args.config, "device": str(device), "warmup": warmup, "steps": steps}
     common |= {"repeats": args.repeats, "threads": torch.get_num_threads()}
     rows = []

@@ -135,6 +135,18 @@ def _check_keys(items: Sequence[Item]) -> None:
         )
 
 
+def _check_sizes(lr_size: int, hr_size: int) -> None:
+    """Refuse impossible sizes before any image is read: otherwise every image fails the same way."""
+    for flag, size in (("--lr", lr_size), ("--hr", hr_size)):
+        if size < 1:
+            raise ValueError(f"{flag} {size}: must be a positive number of pixels, e.g. --lr 16 --hr 128")
+    if lr_size >= hr_size:
+        raise ValueError(
+            f"--lr {lr_size} --hr {hr_size}: the LR size must be smaller than the HR size; pass the "
+            "low-resolution side as --lr and the high-resolution side as --hr, e.g. --lr 16 --hr 128"
+        )
+
+
 def _encoded(
     source: Source, domain: str, items: Sequence[Item], workers: int
 ) -> Iterator[tuple[Item, dict | None, str]]:
@@ -163,6 +175,7 @@ def make_shards(
         raise ValueError(f"--domain {domain!r}: use letters, digits, '_' or '-' (it names the shard files)")
     if shard_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"--shard-size {shard_size} / --limit {limit}: must be positive")
+    _check_sizes(lr_size, hr_size)
     source = open_source(Path(src), lr_size, hr_size)
     items = source.items()[:limit]
     if not items:

@@ -286,6 +286,19 @@ def test_limit_larger_than_the_domain(tiny_shards: Path) -> None:
         dm.setup("fit")
 
 
+def test_every_image_held_out_for_validation(make_domain_shards: Callable[..., Path]) -> None:
+    """Val taking all images of the train shards is a config problem, not a corrupt shard."""
+    shards = str(make_domain_shards("anime", 12))
+    for limit in (None, 4):
+        dm = SR3DataModule(TrainDomain("anime", shards, limit), [ValDomain("anime", shards, 12)], **TINY)
+        with pytest.raises(
+            ValueError,
+            match=r"all 12 images of .*anime.index.json are held out for validation of domain 'anime'; "
+            r"lower its val `num_images` or add training images",
+        ):
+            dm.setup("fit")
+
+
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="each domain may appear once"):
         SR3DataModule(val=[ValDomain("ffhq", "a"), ValDomain("ffhq", "b")])

@@ -267,6 +267,34 @@ def test_calibrate_rejects_bad_scales_and_levels(tiny_ckpt, tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("damage", ["changed", "missing"])
+def test_calibrate_on_a_corrupt_shard_names_its_own_fix(
+    tiny_ckpt, make_domain_shards, tmp_path, capsys, damage
+):
+    """The shard check's fix must be one this command has: it has no on_corrupt option."""
+    shards = make_domain_shards("photos", 3)
+    shard = shards / "photos-000000.tar"
+    if damage == "missing":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes() + b"\0" * 512)
+    argv = [
+        "diffsr-calibrate",
+        "--ckpt",
+        str(tiny_ckpt),
+        "--data",
+        str(shards),
+        "--out",
+        str(tmp_path / "x.json"),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*argv, "--lpips", "false", *FAST])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "photos-000000.tar" in err, err
+    assert "re-run make_shards for domain 'photos'" in err and "drop the domain from --domains" in err, err
+    assert "on_corrupt" not in err, err
+
+
 def test_target_size_rounds_each_side():
     assert target_size((13, 11), scale=2.7) == ((35, 30), 2.7)
     with pytest.raises(ValueError, match="factor > 1"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -222,3 +223,31 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
         main(["--src", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--domain", "demo"])
     assert exit_info.value.code == 2
     assert "no images found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("lr", "hr", "message"),
+    [
+        (0, 128, r"--lr 0: must be a positive number of pixels"),
+        (-4, 128, r"--lr -4: must be a positive number of pixels"),
+        (8, 0, r"--hr 0: must be a positive number of pixels"),
+        (32, 8, r"--lr 32 --hr 8: the LR size must be smaller than the HR size"),
+        (8, 8, r"--lr 8 --hr 8: the LR size must be smaller than the HR size"),
+    ],
+)
+def test_bad_sizes_are_refused_before_reading_images(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    lr: int,
+    hr: int,
+    message: str,
+) -> None:
+    """Not one 'unreadable image' warning per file: the flag is named once, and nothing is written."""
+    write_images(tmp_path / "src", 2)
+    argv = ["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--domain", "demo"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--lr", str(lr), "--hr", str(hr), "--workers", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(message, err), err
+    assert "unreadable" not in caplog.text and not (tmp_path / "out").exists()

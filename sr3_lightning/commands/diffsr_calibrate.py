@@ -120,7 +120,8 @@ def load_hr_images(data: Path, domains: list[str] | None, limit: int, size: int)
         raise FileNotFoundError(f"--data {data} holds no {INDEX_NAME} (itself or one level down)")
     names, images = [], []
     for index in indexes:
-        reader = SampleReader(locate_samples(index, index.keys[:limit]))
+        hint = "leave the bad samples out: drop the domain from --domains or lower --limit"
+        reader = SampleReader(locate_samples(index, index.keys[:limit], skip_hint=hint))
         for i, key in enumerate(reader.table.keys):
             hr = Image.fromarray(reader.read(i)["hr"].transpose(1, 2, 0))
             images.append(to_tensor(resize_and_crop(hr, size) if hr.size != (size, size) else hr))

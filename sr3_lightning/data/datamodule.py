@@ -286,6 +286,12 @@ class SR3DataModule(pl.LightningDataModule):
                 for key in table.keys
             }
             pool = [k for k in index.keys if k not in held_out]
+            if not pool:  # say so here: locate_samples would blame the shards for an empty request
+                raise ValueError(
+                    f"train domain '{t.domain}': all {len(index.keys)} images of {index.path} are held out "
+                    f"for validation of domain '{t.domain}'; lower its val `num_images` or add training "
+                    "images"
+                )
             if t.limit is not None and t.limit > len(pool):
                 raise ValueError(
                     f"train domain '{t.domain}': limit {t.limit} but {index.path} holds {len(index.keys)} "

@@ -227,7 +227,12 @@ def _check_decodes(
     return None
 
 
-def locate_samples(index: ShardIndex, keys: Sequence[str], on_corrupt: OnCorrupt = "raise") -> SampleTable:
+def locate_samples(
+    index: ShardIndex,
+    keys: Sequence[str],
+    on_corrupt: OnCorrupt = "raise",
+    skip_hint: str = "set on_corrupt: skip to go on without the bad samples",
+) -> SampleTable:
     """Verify the shards holding ``keys`` against the index (sha256, count, keys) and locate each sample.
 
     Shards whose sha256 matches are exactly what make_shards wrote, so only a mismatching shard is decoded
@@ -238,10 +243,7 @@ def locate_samples(index: ShardIndex, keys: Sequence[str], on_corrupt: OnCorrupt
     found: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
     shard_paths: list[str] = []
     problems: list[str] = []
-    fix = (
-        f"re-run make_shards for domain '{index.domain}' (or restore the file), "
-        "or set on_corrupt: skip to go on without the bad samples"
-    )
+    fix = f"re-run make_shards for domain '{index.domain}' (or restore the file), or {skip_hint}"
     for shard in index.shards:
         if wanted.isdisjoint(shard.keys):
             continue
