@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bad = [s for s in args.val or [] if ":" not in s or not s.split(":", 1)[0]]
+    if bad:  # before any training
+        raise SystemExit(f"--val {' '.join(bad)}: give domain:SHARD_DIR, e.g. photos:data/shards/photos_val")
     if args.train:
         accelerator = "gpu" if device.type == "cuda" else "cpu"
         ckpt = train_demo_model(
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         compile_for_sampling(module.sampling_unet)
     val = load_val(val_specs, module, args.num_images)
     T = module.schedule.num_timesteps
+    if skipped := [k for k in args.ks if k >= T]:
+        print(f"--ks {' '.join(map(str, skipped))}: not fewer steps than the model's T={T}, left out")
     step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get(
         "global_step"
     )  # no tensor read
