@@ -237,8 +237,11 @@ def plot_metrics(runs: list[Run], out: Path) -> list[Path]:
     return paths
 
 
-def write_report(runs: list[Run], out: Path) -> Path:
-    """``report.md`` (tables, plots, cost), ``report.csv`` and the PNG plots in ``out``; returns report.md."""
+def write_report(runs: list[Run], out: Path, skipped: list[str] | None = None) -> Path:
+    """``report.md`` (tables, plots, cost), ``report.csv`` and the PNG plots in ``out``; returns report.md.
+
+    ``skipped``: the runs left out for having no evaluation metrics, one line each, listed under the runs.
+    """
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(runs)
     write_csv(tables, out / "report.csv")
@@ -248,6 +251,9 @@ def write_report(runs: list[Run], out: Path) -> Path:
         f"- `{r.label}`{' (regression)' if r.settings['objective'] == 'regression' else ''}: {r.source}"
         for r in sorted(runs, key=lambda r: r.source)
     ]
+    if skipped:
+        lines += ["", f"Skipped {len(skipped)} run(s) without evaluation metrics:", ""]
+        lines += [f"- {line}" for line in skipped]
     lines += [
         "",
         "PSNR/SSIM on uint8 as the reference computes them; LPIPS lower is better. Δ = change since",

@@ -37,6 +37,19 @@ class Run:
     evals: dict[int, dict[str, float]]  # global step -> {val/..., forget/...}
     seconds: float | None = None
     label: str = ""
+    has_domain_eval: bool = True  # its config lists the DomainEval callback
+    log_name: str = "metrics.csv"  # where its metrics were read, for messages
+
+    @property
+    def why_no_metrics(self) -> str:
+        """Why a run has no evaluation metrics, and the fix (for the report's warning and error)."""
+        missing = f"no DomainEval metrics (val/DOMAIN/psnr ...) in its {self.log_name}"
+        if not self.has_domain_eval:
+            return (
+                f"{missing}; its config has no DomainEval callback: add sr3_lightning.callbacks.DomainEval "
+                "to trainer.callbacks (see configs/finetune_anime.yaml) and run it again"
+            )
+        return f"{missing}, although its config lists DomainEval: it never logged an evaluation; run it again"
 
     @property
     def domains(self) -> list[str]:
@@ -58,16 +71,17 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def domain_eval_args(config: dict[str, Any]) -> dict[str, Any]:
+def domain_eval_args(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The DomainEval callback's init_args in a fit config; None when it has no DomainEval."""
     for cb in (config.get("trainer") or {}).get("callbacks") or []:
         if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("DomainEval"):
             return cb.get("init_args") or {}
-    return {}
+    return None
 
 
 def listed_steps(config: dict[str, Any]) -> list[int]:
     """The steps DomainEval was asked for: at_steps, multiples of every_n_steps, and the end."""
-    args, max_steps = domain_eval_args(config), (config.get("trainer") or {}).get("max_steps") or 0
+    args, max_steps = domain_eval_args(config) or {}, (config.get("trainer") or {}).get("max_steps") or 0
     steps = set(args.get("at_steps") or [])
     if args.get("every_n_steps"):
         steps |= set(range(args["every_n_steps"], max_steps + 1, args["every_n_steps"]))
@@ -88,15 +102,20 @@ def metrics_by_step(rows: Iterable[dict[str, Any]], step_key: str) -> dict[int, 
     return {s: v for s, v in sorted(out.items()) if any(k.endswith("/psnr") for k in v)}
 
 
-def make_run(name: str, source: str, config: dict, rows: Iterable[dict], step_key: str, seconds=None) -> Run:
+def make_run(
+    name: str, source: str, config: dict, rows: Iterable[dict], step_key: str, seconds=None, log_name=""
+) -> Run:
+    eval_args = domain_eval_args(config)
     return Run(
         name=name,
         source=source,
         settings=settings_of(config),
         listed_steps=listed_steps(config),
-        original_domains=list(domain_eval_args(config).get("original_domains") or []),
+        original_domains=list((eval_args or {}).get("original_domains") or []),
         evals=metrics_by_step(rows, step_key),
         seconds=seconds,
+        has_domain_eval=eval_args is not None,
+        log_name=log_name or "metrics.csv",
     )
 
 
@@ -116,7 +135,10 @@ def read_run_dir(run_dir: Path, seconds: float | None = None) -> Run:
     if (run_dir / "metrics.csv").is_file():
         with (run_dir / "metrics.csv").open(newline="") as f:
             rows += list(csv.DictReader(f))
-    return make_run(run_dir.name, str(run_dir), config, rows, "step", seconds)
+        log_name = "metrics.csv"
+    else:
+        log_name = "run directory (it has no metrics.csv)"
+    return make_run(run_dir.name, str(run_dir), config, rows, "step", seconds, log_name)
 
 
 def _local_runs(path: Path, depth: int = 0) -> list[Run]:
@@ -141,20 +163,36 @@ def _local_runs(path: Path, depth: int = 0) -> list[Run]:
 def _wandb_runs(path: str) -> list[Run]:
     """Finished runs of ``ENTITY/PROJECT`` or ``ENTITY/PROJECT/SWEEP_ID`` from the W&B server."""
     import wandb
+    from wandb.errors import AuthenticationError, CommError, UsageError
 
-    api = wandb.Api()
-    found = api.sweep(path).runs if path.count("/") == 2 else api.runs(path)
-    runs = []
-    for r in found:
-        if r.state == "finished":
-            config, seconds = r.config.get("config") or {}, r.summary.get("_runtime")
-            source = f"wandb:{'/'.join(r.path)}"
-            runs.append(make_run(r.name, source, config, r.scan_history(), "trainer/global_step", seconds))
+    try:
+        api = wandb.Api()
+        found = api.sweep(path).runs if path.count("/") == 2 else api.runs(path)
+        runs = []
+        for r in found:
+            if r.state == "finished":
+                config, seconds = r.config.get("config") or {}, r.summary.get("_runtime")
+                source, history = f"wandb:{'/'.join(r.path)}", r.scan_history()
+                runs.append(
+                    make_run(r.name, source, config, history, "trainer/global_step", seconds, "W&B history")
+                )
+    except (UsageError, AuthenticationError) as err:
+        raise ValueError(
+            f"report wandb:{path} reads the W&B server, which needs a login ({err}): run `wandb login` (or "
+            "set WANDB_API_KEY), or report local run or sweep directories instead (e.g. runs/steps)"
+        ) from None
+    except CommError as err:
+        raise ValueError(
+            f"could not read wandb:{path} from the W&B server ({err}); check ENTITY/PROJECT[/SWEEP_ID] and "
+            "the network, or report local run or sweep directories instead"
+        ) from None
     return runs
 
 
-def load_runs(sources: list[str]) -> list[Run]:
-    """Every finished run under the given directories / ``wandb:`` paths, each once, labelled."""
+def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
+    """Every finished run under the given directories / ``wandb:`` paths, each once, labelled; runs without
+    evaluation metrics cannot fill a table or plot, so they are returned apart (one line each, with the fix)
+    and named in a warning. ValueError when no run has metrics."""
     runs: dict[str, Run] = {}
     for source in sources:
         if source.startswith("wandb:"):
@@ -166,13 +204,28 @@ def load_runs(sources: list[str]) -> list[Run]:
         else:
             found = _local_runs(Path(source))
         if not found:
-            raise FileNotFoundError(f"no finished runs with metrics under {source}")
+            raise FileNotFoundError(
+                f"no finished runs under {source} (a run directory holds config.yaml and metrics.csv)"
+            )
         runs.update({str(Path(r.source).resolve()) if ":" not in r.source else r.source: r for r in found})
     out = [r for r in runs.values() if r.evals]
-    varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in out}) > 1]
-    for r in out:
+    skipped = [f"{r.source}: {r.why_no_metrics}" for r in runs.values() if not r.evals]
+    if not out:
+        raise ValueError(
+            f"none of the {len(skipped)} run(s) has evaluation metrics, so there is nothing to report: "
+            + "; ".join(skipped)
+        )
+    if skipped:
+        log.warning("skipping %d run(s) without evaluation metrics: %s", len(skipped), "; ".join(skipped))
+    _label(out)
+    return out, skipped
+
+
+def _label(runs: list[Run]) -> None:
+    """Name each run by the settings that vary between the runs (plus its name where that is ambiguous)."""
+    varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in runs}) > 1]
+    for r in runs:
         r.label = ", ".join(f"{SETTING_NAMES[k]}={r.settings[k]}" for k in varying) or r.name
-    labels = [(r.label, r.settings["objective"]) for r in out]
-    for r in out:
+    labels = [(r.label, r.settings["objective"]) for r in runs]
+    for r in runs:
         r.label += f" ({r.name})" if labels.count((r.label, r.settings["objective"])) > 1 else ""
-    return out

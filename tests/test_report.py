@@ -157,3 +157,44 @@ def test_report_errors_name_the_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["report", str(source), "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_report_names_runs_without_metrics_and_fails_when_none_has_any(tmp_path, capsys, caplog):
+    root = tmp_path / "runs"
+    write_run(root, "good")
+    bare = write_run(root, "bare")  # DomainEval configured, but nothing evaluated
+    (bare / "metrics.csv").write_text("step,train/loss\n1,0.5\n2,0.4\n")
+    no_eval = root / "no_eval"  # a run without the DomainEval callback
+    no_eval.mkdir()
+    (no_eval / "config.yaml").write_text(
+        yaml.safe_dump({"model": {"loss": "l1"}, "trainer": {"max_steps": 2}})
+    )
+    (no_eval / "metrics.csv").write_text("step,train/loss\n1,0.5\n2,0.4\n")
+    out = tmp_path / "report"
+    with caplog.at_level("WARNING"):
+        cli_main(["report", str(root), "--out", str(out)])
+    warning = next(r.getMessage() for r in caplog.records if "without evaluation metrics" in r.getMessage())
+    assert "skipping 2 run(s)" in warning and f"{bare}: no DomainEval metrics" in warning
+    assert f"{no_eval}: no DomainEval metrics (val/DOMAIN/psnr ...) in its metrics.csv" in warning
+    assert "add sr3_lightning.callbacks.DomainEval to trainer.callbacks" in warning
+    assert "never logged an evaluation" in warning
+    text = (out / "report.md").read_text()
+    assert "1 finished run(s):" in text and "Skipped 2 run(s) without evaluation metrics:" in text
+    assert f"- {no_eval}: no DomainEval metrics" in text
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", str(no_eval), str(bare), "--out", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "none of the 2 run(s) has evaluation metrics" in err
+    assert str(no_eval) in err and str(bare) in err and not (tmp_path / "none").exists()
+
+
+def test_report_from_wandb_without_login_says_how_to_log_in(tmp_path, capsys, monkeypatch):
+    for name in ("WANDB_API_KEY", "NETRC", "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: no W&B login
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing leaves this machine
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", "wandb:lab/sr3-finetune", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: report wandb:lab/sr3-finetune")
+    assert "`wandb login`" in err and "local run or sweep directories" in err and "Traceback" not in err

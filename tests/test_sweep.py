@@ -89,6 +89,31 @@ def test_bad_sweeps_and_gpus_fail_before_any_run(tmp_path, capsys, monkeypatch):
     assert "SR3_SHARDS is not set" in sweep_error(tmp_path, capsys, env_sweep)
 
 
+def test_check_runs_the_model_and_data_checks_on_every_combination(tmp_path, capsys, monkeypatch):
+    """Values the parser accepts but SR3Module / SR3DataModule reject stop --check, each failing run named."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("SR3_SHARDS", str(tmp_path))  # the check reads no shards
+    smoke = (REPO / "sweeps/smoke.yaml").read_text()
+    objective = "  model.objective: {values: [diffusion, regression]}\n"
+    # tiny_cpu.yaml has num_timesteps 100: t_max 5000 is rejected by the module, in both runs that use it
+    err = sweep_error(tmp_path, capsys, smoke.replace(objective, "  model.t_max: {values: [50, 5000]}\n"))
+    assert "rejects 2 of 4 parameter combination(s)" in err and "use t_max <= 100" in err
+    assert "--model.loss=l1 --model.t_max=5000 | --model.loss=l2 --model.t_max=5000" in err
+    assert "t_max=50 " not in err
+    err = sweep_error(tmp_path, capsys, smoke.replace(objective, "  data.batch_size: {values: [0, 2]}\n"))
+    assert (
+        "rejects 2 of 4" in err
+        and "--data.batch_size=0 --model.loss=l1" in err
+        and "batch_size must be" in err
+    )
+    # only one pairing of two valid-looking parameters is bad (t_min 80 > t_max 50): the full grid is checked
+    pairs = "  model.t_min: {values: [1, 80]}\n  model.t_max: {values: [50, 100]}\n"
+    err = sweep_error(tmp_path, capsys, smoke.replace(objective, pairs))
+    assert "rejects 2 of 8" in err and "t_min must not exceed t_max" in err
+    assert "--model.loss=l1 --model.t_max=50 --model.t_min=80" in err
+    cli_main(["sweep", "sweeps/smoke.yaml", "--check"])  # the good grid passes
+
+
 def test_wandb_backend_starts_one_agent_per_gpu_with_its_device(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SERVICE", "3-1-unix-/this/process/service.sock")  # W&B ran in this process
     agents = agent_processes(

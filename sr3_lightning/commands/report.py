@@ -5,6 +5,7 @@
 
 RUNS are run directories, sweep directories (their finished runs) or ``wandb:ENTITY/PROJECT[/SWEEP_ID]``.
 Writes ``report.md`` (Tables 1-4, plots embedded), ``report.csv`` (every number) and PNG plots into --out.
+Runs without DomainEval metrics are named in a warning and in report.md; with none left, it is an error.
 """
 
 from __future__ import annotations
@@ -31,6 +32,6 @@ def parser() -> ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
-    runs = load_runs(args.runs)
-    path = write_report(runs, args.out)
+    runs, skipped = load_runs(args.runs)
+    path = write_report(runs, args.out, skipped)
     log.info("report of %d run(s): %s (numbers: %s)", len(runs), path, path.with_suffix(".csv"))

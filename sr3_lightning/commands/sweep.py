@@ -5,7 +5,8 @@
     python -m sr3_lightning sweep sweeps/steps.yaml --backend local --gpus 0,1    # no W&B server
     python -m sr3_lightning sweep sweeps/steps.yaml --check                       # validate only
 
-The sweep file and every parameter value are checked against ``fit`` before anything starts.
+The sweep file and every parameter combination are checked against ``fit`` (its parser and the value checks
+of the model, data module and callbacks) before anything starts.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ def main(argv: list[str]) -> None:
     sweep = load_sweep(args.sweep)
     devices = parse_gpus(args.gpus)
     cfg = check_parameters(sweep)
-    log.info("%s: a valid %s sweep; fit accepts every parameter value", sweep.path, sweep.method)
+    log.info(
+        "%s: a valid %s sweep; fit, the model, the data module and the callbacks accept every parameter "
+        "combination (init_from and the shards are read when each run starts)",
+        sweep.path,
+        sweep.method,
+    )
     if args.check:
         return
     sweep_dir = args.dir or Path("runs") / sweep.name

@@ -3,8 +3,9 @@
 A sweep file is standard W&B sweep YAML whose ``command`` runs ``python -m sr3_lightning fit ... ${args}``.
 The W&B agent (and the local backend, which builds the command with the agent's own functions) turns each
 run's parameters into ``--key=value`` flags, so a parameter is accepted exactly when ``fit`` accepts
-``--key=value``: we parse those flags with the real LightningCLI parser, without instantiating anything,
-before any run starts.
+``--key=value`` and the model, data module and callbacks then accept the values. Before any run starts,
+every run's flags are parsed with the real LightningCLI parser and those classes are constructed from the
+result on the meta device (their own value checks run; no weights, no files, no training).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import itertools
 import os
 import re
 import warnings
@@ -147,33 +149,74 @@ def fit_parser() -> Any:
 
 def parse_fit(args: list[str]) -> Any:
     """Parse ``fit ARGS`` like ``python -m sr3_lightning`` does; ValueError with the parser's message."""
+    return _parse(args).fit
+
+
+def _parse(args: list[str]) -> Any:
+    """The whole parsed namespace of ``fit ARGS`` (subcommand included, as instantiation needs it)."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return fit_parser().parse_args(["fit", *args]).fit
+            return fit_parser().parse_args(["fit", *args])
     except SystemExit:
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         start = next((i for i, line in enumerate(lines) if line.startswith("error:")), len(lines) - 1)
         raise ValueError(" ".join(line.strip() for line in lines[start:]).removeprefix("error: ")) from None
 
 
+def check_values(cfg: Any) -> None:
+    """Run the value checks of the model, the data module and the callbacks by constructing them as ``fit``
+    does, on the meta device: no weights are allocated or initialised, no file is read (``init_from`` is
+    left out; it and the shards are read when the run starts). Re-raises what a constructor rejects."""
+    import torch
+
+    cfg = cfg.clone()
+    cfg.fit.model.init_from = None
+    parser = fit_parser()
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        instantiate(cfg)
+
+
+def combinations(sweep: Sweep) -> list[dict[str, Any]]:
+    """The parameter sets to check: every run of a grid sweep (as the W&B engine proposes them), else
+    every combination of each parameter's listed values or range ends."""
+    if sweep.method == "grid":
+        engine, runs = sweep_engine(), []
+        while (run := engine.next_run(sweep.config, runs)) is not None:
+            runs.append(run)
+        return [{k: v["value"] for k, v in r.config.items()} for r in runs]
+    candidates = {name: _candidates(spec) for name, spec in sweep.config["parameters"].items()}
+    candidates = {name: values for name, values in candidates.items() if values}
+    return [dict(zip(candidates, values)) for values in itertools.product(*candidates.values())]
+
+
 def check_parameters(sweep: Sweep) -> Any:
-    """Parse the sweep's fit command with every parameter value (combined row by row) before any run.
+    """Parse the sweep's fit command with every parameter combination and run the model's, data module's
+    and callbacks' own value checks on it, before any run; ValueError lists every rejected combination.
 
     Returns the resolved fit config of the first combination (a jsonargparse Namespace).
     """
     base = expand_envvars(sweep.fit_args)
-    candidates = {name: _candidates(spec) for name, spec in sweep.config["parameters"].items()}
-    n = max((len(v) for v in candidates.values() if v), default=0)
+    combos = combinations(sweep) or [{}]
+    rejected: dict[str, list[str]] = {}  # error -> the combinations' flags
     first = None
-    for i in range(max(n, 1)):
-        params = {name: vals[i % len(vals)] for name, vals in candidates.items() if vals}
+    for params in combos:
         flags = parameter_flags(params)
         try:
-            cfg = parse_fit([*base, *flags])
-        except ValueError as err:
-            raise ValueError(
-                f"{sweep.path}: `fit` does not accept the sweep's arguments {' '.join(flags)}: {err}"
-            ) from None
-        first = first if first is not None else cfg
+            cfg = _parse([*base, *flags])
+            check_values(cfg)
+        except Exception as err:  # any error of a constructor is a run that would fail at its start
+            message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            rejected.setdefault(message, []).append(" ".join(flags) or "(no parameters)")
+            continue
+        first = first if first is not None else cfg.fit
+    if rejected:
+        n = sum(len(f) for f in rejected.values())
+        problems = "; ".join(f"[{' | '.join(flags)}]: {message}" for message, flags in rejected.items())
+        raise ValueError(
+            f"{sweep.path}: `fit` rejects {n} of {len(combos)} parameter combination(s) of the sweep, "
+            f"so those runs would fail: {problems}. Fix or remove these values in `parameters`."
+        )
     return first
