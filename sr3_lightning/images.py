@@ -13,6 +13,8 @@ from torch import Tensor
 from sr3_lightning.metrics import to_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+# What PIL raises for a file that is not a readable image (SyntaxError: some broken PNG / JPEG headers).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def list_images(path: Path) -> list[Path]:
@@ -25,6 +27,36 @@ def list_images(path: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"input folder {path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
     return files
+
+
+def check_output_names(files: Sequence[Path], suffix: str) -> None:
+    """Refuse inputs whose outputs ``<stem><suffix>`` would overwrite each other (a.png and a.jpg)."""
+    seen: dict[str, Path] = {}
+    for f in files:
+        name = f"{f.stem}{suffix}"
+        if name in seen:
+            raise ValueError(
+                f"inputs {seen[name]} and {f} would both be written as {name}, and one result would be "
+                "lost; rename one of them (or move it to another folder and run it separately)."
+            )
+        seen[name] = f
+
+
+def check_readable(files: Sequence[Path]) -> None:
+    """Decode every input before any long work, so a corrupt file fails in seconds, not after hours."""
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.load()
+        except IMAGE_ERRORS as err:
+            bad.append(f"{f} ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else '-'})")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(
+            f"{len(bad)} input image(s) could not be read: {shown}. Each is corrupt, truncated or not an "
+            "image despite its name; replace or remove it and run again."
+        )
 
 
 def to_tensor(img: Image.Image) -> Tensor:

@@ -8,7 +8,9 @@ per-domain evaluation, W&B offline beside a CSV log.
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ DOMAINS = {
 }
 CROPS = {"train/photos": 48, "val/photos": 8, "val/science": 3}  # crops per photo
 CROP = 96  # px; make_shards then resizes to the model's 32 px HR / 8 px LR
+MARKER = "demo_source.json"  # written into --data-dir: says the demo made its images/ and shards/ folders
 
 
 def parser() -> ArgumentParser:
@@ -64,36 +67,89 @@ def bundled_photos(data_dir: Path, domains: tuple[str, ...] = tuple(DOMAINS)) ->
     return folders
 
 
-def user_photos(src: Path, data_dir: Path) -> dict[str, Path]:
-    """Split a user folder: the last 8 images (in name order) are held out for evaluation."""
-    from sr3_lightning.images import list_images
+def check_src(src: Path) -> list[Path]:
+    """The user's images, all readable and with distinct names, checked before anything is written."""
+    from sr3_lightning.images import check_output_names, check_readable, list_images
 
     files = list_images(src)
+    check_output_names(files, ".png")
+    check_readable(files)
     if len(files) < 16:
         raise ValueError(f"--src {src} has {len(files)} images; the demo needs at least 16 (8 train, 8 val).")
+    return files
+
+
+def user_photos(files: list[Path], data_dir: Path) -> dict[str, Path]:
+    """Split the user's images: the last 8 (in name order) are held out for evaluation."""
     folders = {"train/photos": data_dir / "images/train/photos", "val/photos": data_dir / "images/val/photos"}
     for i, f in enumerate(files):
         dest = folders["val/photos" if i >= len(files) - 8 else "train/photos"]
         dest.mkdir(parents=True, exist_ok=True)
-        Image.open(f).convert("RGB").save(dest / f"{f.stem}.png")
+        with Image.open(f) as img:
+            img.convert("RGB").save(dest / f"{f.stem}.png")
     return folders
 
 
-def main(argv: list[str]) -> None:
+def made_from(marker: Path) -> str:
+    """The source a marker records (for the log only: the demo rebuilds its folders on every run)."""
+    try:
+        return str(json.loads(marker.read_text())["source"])
+    except (ValueError, KeyError, TypeError):
+        return "an unknown source"
+
+
+def reset_data_dir(data_dir: Path, source: str) -> None:
+    """Empty the demo's own folders in ``data_dir`` so a run never mixes in crops of an earlier run.
+
+    Only folders the demo writes are removed, and only when its marker says it made them; anything
+    else in ``data_dir`` is left alone, and unmarked folders in the way are an error, not deleted.
+    """
+    marker = data_dir / MARKER
+    ours = [data_dir / kind / domain for kind in ("images", "shards") for domain in DOMAINS]
+    existing = [f for f in ours if f.is_dir() and any(f.iterdir())]
+    if existing and not marker.is_file():
+        raise ValueError(
+            f"--data-dir {data_dir} already holds {existing[0]}, which this demo did not record making "
+            f"(no {MARKER}), so it will not overwrite or mix with it. Pass a new --data-dir, or, if it is "
+            f"left from an older demo run, delete {data_dir / 'images'} and {data_dir / 'shards'}."
+        )
+    if existing:
+        log.info(
+            "rebuilding demo data in %s (made from %s; now from %s)", data_dir, made_from(marker), source
+        )
+    for folder in existing:
+        shutil.rmtree(folder)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"source": source}) + "\n")
+
+
+def prepare_data(src: Path | None, data_dir: Path) -> None:
+    """Crops of ``src`` (or of the bundled photos) cut into domains and sharded under ``data_dir/shards``."""
     from dataset_tools.make_shards import make_shards
+
+    if src and src.resolve().is_relative_to(data_dir.resolve() / "images"):
+        raise ValueError(
+            f"--src {src} is inside the demo's own {data_dir / 'images'}; copy it elsewhere first."
+        )
+    files = check_src(src) if src else None
+    reset_data_dir(data_dir, str(src.resolve()) if src else "bundled scikit-image photos")
+    if files:  # your images are the new domain; the bundled "science" crops stay the original one
+        folders = {**user_photos(files, data_dir), **bundled_photos(data_dir, ("val/science",))}
+    else:
+        folders = bundled_photos(data_dir)
+    for name, folder in folders.items():
+        split, domain = name.split("/")
+        make_shards(
+            folder, data_dir / "shards" / split / domain, domain, lr_size=8, hr_size=32, progress=False
+        )
+
+
+def main(argv: list[str]) -> None:
     from sr3_lightning.cli import cli_main
 
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser().parse_args(own)  # arguments after `--` go to fit, e.g. -- --trainer.max_steps=50
-    if args.src:  # your images are the new domain; the bundled "science" crops stay the original one
-        folders = {**user_photos(args.src, args.data_dir), **bundled_photos(args.data_dir, ("val/science",))}
-    else:
-        folders = bundled_photos(args.data_dir)
-    for name, folder in folders.items():
-        split, domain = name.split("/")
-        make_shards(
-            folder, args.data_dir / "shards" / split / domain, domain, lr_size=8, hr_size=32, progress=False
-        )
+    prepare_data(args.src, args.data_dir)
     val = args.data_dir / "shards/val"
     fit_args = [
         "fit",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -11,7 +13,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sr3_lightning.data.degradations import resize_and_crop, to_rgb
-from sr3_lightning.images import from_tensor, list_images, save_sheet, to_tensor
+from sr3_lightning.images import (
+    check_output_names,
+    check_readable,
+    from_tensor,
+    list_images,
+    save_sheet,
+    to_tensor,
+)
 from sr3_lightning.module import SR3Module
 
 log = logging.getLogger(__name__)
@@ -35,20 +44,40 @@ def parser() -> ArgumentParser:
 
 
 def load_model(ckpt: Path, device: str) -> SR3Module:
-    """Our checkpoint, in eval mode, with a clear error for anything else."""
+    """Our checkpoint, in eval mode, with a clear error for anything else (torch's own is misleading)."""
     if not ckpt.is_file():
         raise FileNotFoundError(
             f"checkpoint {ckpt} does not exist; train one with `fit` or convert a reference "
             "checkpoint with `import-reference`."
         )
+    if not zipfile.is_zipfile(ckpt):  # torch.save writes zip archives; a cut-off copy loses its directory
+        raise ValueError(
+            f"checkpoint {ckpt} is not a checkpoint sr3-lightning can read: it is not a PyTorch archive, "
+            "so it is truncated (an interrupted copy or download) or another kind of file. Copy it again, or "
+            "convert a reference *_gen.pth with `import-reference` first."
+        )
     try:
         model = SR3Module.load_from_checkpoint(ckpt, map_location=device)
-    except (KeyError, RuntimeError, TypeError) as err:
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, TypeError, AttributeError) as err:
+        why = "its contents cannot be unpickled" if isinstance(err, pickle.UnpicklingError) else str(err)
         raise ValueError(
-            f"{ckpt} is not an sr3-lightning checkpoint ({type(err).__name__}: {err}). "
-            "Convert reference *_gen.pth files with `import-reference` first."
+            f"checkpoint {ckpt} is not an sr3-lightning checkpoint or is corrupt ({type(err).__name__}: "
+            f"{why.splitlines()[0][:200] if why else '-'}). Use a .ckpt written by `fit`, or convert "
+            "reference *_gen.pth files with `import-reference` first."
         ) from None
     return model.eval()
+
+
+def check_args(args) -> None:
+    """Numbers that would fail late (or with a cryptic message) are refused before the model loads."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: use a positive number of images per batch, e.g. 8")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: use a positive number of steps, or leave it out for all T")
+    if args.lr_size is not None and args.lr_size < 1:
+        raise ValueError(f"--lr-size {args.lr_size}: use a positive size in px, or leave it out")
+    if args.eta < 0:
+        raise ValueError(f"--eta {args.eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
 
 
 def prepare_input(img: Image.Image, hr_size: int, lr_size: int | None) -> tuple[Image.Image, Image.Image]:
@@ -61,7 +90,10 @@ def prepare_input(img: Image.Image, hr_size: int, lr_size: int | None) -> tuple[
 
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
+    check_args(args)
     files = list_images(args.input)
+    check_output_names(files, "_sr.png")
+    check_readable(files)
     model = load_model(args.ckpt, args.device)
     hr_size = model.unet.config.image_size
     args.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from sr3_lightning.commands.sample import load_model
 from sr3_lightning.data.degradations import to_rgb
 from sr3_lightning.diffsr.noise_level import choose_level, load_prf_table, parse_noise_level
 from sr3_lightning.diffsr.upscale import SAMPLERS, bicubic_to, check_scale, diffsr, parse_size, target_size
-from sr3_lightning.images import from_tensor, list_images, to_tensor
+from sr3_lightning.images import check_output_names, check_readable, from_tensor, list_images, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ def check_args(args) -> tuple[float | str, tuple[int, int] | None, dict | None]:
         check_scale(args.scale)
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps {args.steps}: use a positive number of steps, or leave it out for all T")
+    if args.eta < 0:
+        raise ValueError(f"--eta {args.eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
+    if args.tile_overlap is not None and args.tile_overlap < 0:
+        raise ValueError(f"--tile-overlap {args.tile_overlap}: use 0 or more px, or leave it out (size / 4)")
     table = None
     if level == "auto":
         if args.prf is None:
@@ -87,6 +91,8 @@ def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     level_arg, size, table = check_args(args)
     files = list_images(args.input)
+    check_output_names(files, "_diffsr.png")
+    check_readable(files)
     model = load_model(args.ckpt, args.device)
     if table is not None:
         warn_if_table_differs(table, args.prf, model, args.sampler, args.steps)

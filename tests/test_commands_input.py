@@ -1,0 +1,104 @@
+"""`sample` and `upscale` refuse bad input up front, in one paragraph naming the file or flag and the fix."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sr3_lightning.cli import cli_main
+from tests.reference import REF
+
+FAST = ["--sampler", "ddim", "--steps", "2"]
+COMMANDS = {"sample": [], "upscale": ["--scale", "2", "--noise-level", "0.3"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """The reference's tiny conditional SR3 (32 px, T=100) as one of our checkpoints."""
+    ckpt = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    cli_main(["import-reference", "--gen", str(REF / "tiny_gen.pth"), "--out", str(ckpt)])
+    return ckpt
+
+
+def run_command(command: str, ckpt: Path, inputs: Path, out: Path, *extra: str) -> None:
+    argv = [command, "--ckpt", str(ckpt), "--input", str(inputs), "--out", str(out)]
+    cli_main([*argv, *FAST, *COMMANDS[command], *extra])
+
+
+def expect_error(capsys, command: str, ckpt: Path, inputs: Path, out: Path, *extra: str) -> str:
+    """Run the command, check it stopped with a one-paragraph error and wrote nothing, return the error."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(command, ckpt, inputs, out, *extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert not out.exists(), "the command wrote outputs before refusing its input"
+    return err
+
+
+def colour_images(folder: Path, *names: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (8, 8), (30 * i, 100, 200)).save(folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_inputs_whose_outputs_collide_are_refused_before_sampling(tiny_ckpt, tmp_path, capsys, command):
+    inputs = colour_images(tmp_path / "in", "a.png", "a.jpg", "b.png")
+    err = expect_error(capsys, command, tiny_ckpt, inputs, tmp_path / "out")
+    suffix = "_sr.png" if command == "sample" else "_diffsr.png"
+    assert str(inputs / "a.png") in err and str(inputs / "a.jpg") in err and f"a{suffix}" in err
+    assert "rename one of them" in err
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_corrupt_input_image_is_named_before_the_model_runs(tiny_ckpt, tmp_path, capsys, command):
+    inputs = colour_images(tmp_path / "in", "a.png", "c.png")
+    (inputs / "b.png").write_bytes(os.urandom(300))
+    err = expect_error(capsys, command, tiny_ckpt, inputs, tmp_path / "out")
+    assert f"1 input image(s) could not be read: {inputs / 'b.png'}" in err
+    assert "replace or remove it" in err and str(inputs / "a.png") not in err
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated"])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_garbage_checkpoint_is_named_not_a_torch_traceback(tiny_ckpt, tmp_path, capsys, command, damage):
+    bad = tmp_path / "model.ckpt"
+    good = tiny_ckpt.read_bytes()
+    bad.write_bytes(os.urandom(4096) if damage == "random bytes" else good[: len(good) // 2])
+    inputs = colour_images(tmp_path / "in", "a.png")
+    err = expect_error(capsys, command, bad, inputs, tmp_path / "out")
+    assert f"checkpoint {bad} is not a checkpoint sr3-lightning can read" in err and "truncated" in err
+    assert "weights_only" not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "message"),
+    [
+        ("sample", ["--batch-size", "0"], r"--batch-size 0: use a positive number"),
+        ("sample", ["--batch-size", "-2"], r"--batch-size -2: use a positive number"),
+        ("sample", ["--steps", "0"], r"--steps 0: use a positive number of steps"),
+        ("sample", ["--lr-size", "0"], r"--lr-size 0: use a positive size"),
+        ("sample", ["--eta", "-1"], r"--eta -1\.0: DDIM's eta must be >= 0"),
+        ("upscale", ["--eta", "-0.5"], r"--eta -0\.5: DDIM's eta must be >= 0"),
+        ("upscale", ["--tile-overlap", "-1"], r"--tile-overlap -1: use 0 or more px"),
+    ],
+)
+def test_impossible_numbers_are_refused_up_front(tiny_ckpt, tmp_path, capsys, command, extra, message):
+    inputs = colour_images(tmp_path / "in", "a.png")
+    err = expect_error(capsys, command, tiny_ckpt, inputs, tmp_path / "out", *extra)
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_distinct_names_still_all_get_written(tiny_ckpt, tmp_path, command):
+    inputs = colour_images(tmp_path / "in", "a.png", "a_b.jpg", "b.png")
+    run_command(
+        command, tiny_ckpt, inputs, tmp_path / "out", *(["--batch-size", "2"] * (command == "sample"))
+    )
+    suffix = "_sr.png" if command == "sample" else "_diffsr.png"
+    written = {p.name for p in (tmp_path / "out").glob(f"*{suffix}")}
+    assert written == {f"a{suffix}", f"a_b{suffix}", f"b{suffix}"}
