@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -175,7 +176,11 @@ def cli_main(args: ArgsType = None) -> SR3CLI | None:
         return None
     if argv and argv[0] in ("-h", "--help"):
         print("Project commands: " + ", ".join(commands) + " (each takes --help).\n")
-    return SR3CLI(args=None if args is None else argv)  # None: LightningCLI reads sys.argv itself
+    if args is None:
+        return SR3CLI()  # LightningCLI reads sys.argv itself
+    with warnings.catch_warnings():  # a project command (demo) runs fit with its own arguments: intended
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return SR3CLI(args=argv)
 
 
 def main() -> None:
