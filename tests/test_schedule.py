@@ -38,6 +38,12 @@ def test_named_schedules_follow_their_formulas():
     assert warm[0] == 1e-4 and (warm[10:] == 2e-2).all()
 
 
+@pytest.mark.parametrize(("start", "end"), [(1e-6, -1.0), (-1e-6, 1e-2), (1e-6, 1.5), (0.0, 1e-2)])
+def test_betas_outside_0_1_are_refused_naming_the_settings(start, end):
+    with pytest.raises(ValueError, match=r"each must lie in \(0, 1\]: set beta_start and beta_end"):
+        make_schedule("linear", 100, start, end)
+
+
 def test_unknown_schedule_names_the_choices():
     with pytest.raises(ValueError, match="unknown beta schedule 'linaer'.*linear, quad"):
         make_betas("linaer", 10)

@@ -178,7 +178,14 @@ def make_schedule(
     cosine_s: float = 8e-3,
 ) -> Schedule:
     """A named schedule; the defaults are the reference 16->128 model's (linear, T=2000, 1e-6..1e-2)."""
-    return Schedule.from_betas(make_betas(kind, num_timesteps, start, end, cosine_s))
+    betas = make_betas(kind, num_timesteps, start, end, cosine_s)
+    if not ((betas > 0) & (betas <= 1)).all():
+        raise ValueError(
+            f"beta schedule {kind} from {start} to {end} gives betas in "
+            f"[{betas.min():.3g}, {betas.max():.3g}]; "
+            "each must lie in (0, 1]: set beta_start and beta_end between 0 and 1 (the reference: 1e-6, 1e-2)"
+        )
+    return Schedule.from_betas(betas)
 
 
 def respace(schedule: Schedule, steps: int | Sequence[int]) -> Schedule:
