@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -65,14 +66,26 @@ class SR3CLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """validate builds the model from the checkpoint's settings; fit keeps the given ones, which
-        `before_fit` checks against the checkpoint's instead of silently replacing them."""
-        if self.config.get("subcommand") != "fit":
+        `before_fit` checks against the checkpoint's instead of silently replacing them. A missing or
+        unreadable file is named here, before Lightning's own load would fail with a traceback."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        for name in ("optimizer", "lr_scheduler"):
+            if self.config[subcommand].get(name) is not None:
+                raise ValueError(f"--{name} is not used by sr3-lightning: set model.{name} instead")
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path:
+            read_checkpoint_head(ckpt_path)
+        if subcommand != "fit":
             super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(Tracking, "tracking")
         parser.link_arguments("model.unet.image_size", "data.hr_size")
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+        for name in ("optimizer", "lr_scheduler"):  # configs saved before the model owned them say `null`
+            parser.add_argument(f"--{name}", type=Any, default=None, help=f"unused; set model.{name} instead")
         parser.add_argument(
             "--fresh",
             type=bool,
@@ -108,11 +121,6 @@ class SR3CLI(LightningCLI):
             step = check_resume_settings(cfg["ckpt_path"], dict(self.model.hparams))
             log.warning("resuming from %s at step %d (pass --fresh to start anew)", cfg["ckpt_path"], step)
             trim_metrics_csv(self.trainer.default_root_dir, step)
-
-    def before_validate(self) -> None:
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path:
-            read_checkpoint_head(ckpt_path)  # a missing or unreadable file is named before any work
 
 
 def prepare_run_dir(run_dir: Path, fresh: bool) -> None:

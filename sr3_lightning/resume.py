@@ -20,6 +20,7 @@ FREE_ON_RESUME = frozenset(
         "nonfinite_patience",
         "init_from",
         "init_optimizer",
+        "weight_init",
     }
 )
 
@@ -53,16 +54,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _with_t_max(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``t_max: null`` means T: resolved, so null and T compare equal."""
+    if hparams.get("t_max") is None and "num_timesteps" in hparams:
+        return {**hparams, "t_max": hparams["num_timesteps"]}
+    return hparams
+
+
 def changed_settings(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
     """``model.KEY: now (checkpoint: then)`` for each trained-model setting that differs from the saved."""
+    current, saved = _with_t_max(current), _with_t_max(saved)
     changes = []
     for key in sorted(set(current) & set(saved) - FREE_ON_RESUME):
         now, then = current[key], saved[key]
-        if key == "unet":
+        if key == "unet":  # keys both know: a field added since the checkpoint has its old default
             changes += [
-                f"model.unet.{k}: {now.get(k)} (checkpoint: {then.get(k)})"
-                for k in sorted(set(now) | set(then))
-                if _plain(now.get(k)) != _plain(then.get(k))
+                f"model.unet.{k}: {now[k]} (checkpoint: {then[k]})"
+                for k in sorted(set(now) & set(then))
+                if _plain(now[k]) != _plain(then[k])
             ]
         elif _plain(now) != _plain(then):
             changes.append(f"model.{key}: {current[key]} (checkpoint: {saved[key]})")

@@ -11,6 +11,7 @@ import yaml
 
 from sr3_lightning.cli import cli_main
 from sr3_lightning.module import SR3Module
+from sr3_lightning.resume import changed_settings
 from tests.reference import REF
 
 CONFIG = "configs/tiny_cpu.yaml"
@@ -199,19 +200,24 @@ def test_validate_logs_beside_the_training_run_not_into_it(tiny_shards, tmp_path
     assert "val/anime/loss" in (tmp_path / "validate" / "metrics.csv").read_text()
     with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
         cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:], f"--ckpt_path={tmp_path}/missing.ckpt"])
+    (tmp_path / "garbage.ckpt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="garbage.ckpt cannot be read .* truncated or not an sr3-lightning"):
+        cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:], f"--ckpt_path={tmp_path}/garbage.ckpt"])
 
 
-def test_only_the_model_optimizer_and_fit_validate_are_offered(capsys):
+def test_only_fit_and_validate_are_offered_and_the_optimizer_is_the_model_s(tiny_shards, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     subcommands = capsys.readouterr().out
-    assert "fit" in subcommands and "validate" in subcommands
-    assert "predict" not in subcommands and "{fit,validate}" in subcommands
-    with pytest.raises(SystemExit):
-        cli_main(["fit", "--help"])
-    fit_help = capsys.readouterr().out
-    assert "--model.optimizer" in fit_help
-    assert "\n  --optimizer" not in fit_help and "--lr_scheduler" not in fit_help
+    assert "{fit,validate}" in subcommands and "predict" not in subcommands
+    with pytest.raises(
+        ValueError, match="--lr_scheduler is not used by sr3-lightning: set model.lr_scheduler"
+    ):
+        cli_main([*fit_args(tiny_shards, tmp_path), "--lr_scheduler=torch.optim.lr_scheduler.StepLR"])
+    old = {"optimizer": None, "lr_scheduler": None, "trainer": {"max_steps": 1}}  # as earlier versions saved
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    cli = cli_main([*fit_args(tiny_shards, tmp_path), "--config", str(tmp_path / "old.yaml")])
+    assert cli.trainer.global_step == 1
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
@@ -228,3 +234,14 @@ def test_command_line_shows_progress_lines_and_bad_input_without_traceback(tiny_
     bad = run_module(*fit_args(tmp_path / "nowhere", tmp_path / "b"), "--trainer.max_steps=1")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "error: " in bad.stderr and "nowhere" in bad.stderr
+
+
+def test_resume_compares_what_settings_mean_not_how_they_are_written():
+    saved = {"t_max": None, "num_timesteps": 100, "unet": {"inner_channel": 8}, "beta_end": 0.01, "seed": 0}
+    now = {"t_max": 100, "num_timesteps": 100, "unet": {"inner_channel": 8, "added_later": 3}}
+    now |= {"beta_end": 1e-2, "seed": 0, "weight_init": "default", "compile": True}  # init only; speed
+    assert changed_settings(now, {**saved, "weight_init": "orthogonal", "compile": False}) == []
+    assert changed_settings({**now, "t_max": 50, "seed": 1}, saved) == [
+        "model.seed: 1 (checkpoint: 0)",
+        "model.t_max: 50 (checkpoint: 100)",
+    ]
