@@ -269,6 +269,10 @@ def _check_optimizer(opt_state: dict, unet: UNet, source: Path) -> None:
             )
 
 
+# Optimizer group keys that pick a kernel, not an optimisation setting (fused is re-chosen at train start).
+KERNEL_CHOICES = frozenset({"fused", "foreach", "capturable", "differentiable"})
+
+
 def take_over_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str) -> list[str]:
     """Load the moments and step counts of ``state``, keeping the optimizer's configured settings.
 
@@ -286,7 +290,7 @@ def take_over_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, sou
     differed = []
     for group, settings in zip(optimizer.param_groups, configured, strict=True):
         for key, value in settings.items():
-            if key in group and str(group[key]) != str(value):
+            if key not in KERNEL_CHOICES and key in group and str(group[key]) != str(value):
                 differed.append(f"{key}={value} (saved {group[key]})")
         group.update(settings)
     return differed

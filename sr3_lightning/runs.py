@@ -204,9 +204,12 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
         else:
             found = _local_runs(Path(source))
         if not found:
-            raise FileNotFoundError(
-                f"no finished runs under {source} (a run directory holds config.yaml and metrics.csv)"
+            where = (
+                "W&B holds no finished runs there"
+                if source.startswith("wandb:")
+                else ("a run directory holds config.yaml and metrics.csv")
             )
+            raise FileNotFoundError(f"no finished runs under {source} ({where})")
         runs.update({str(Path(r.source).resolve()) if ":" not in r.source else r.source: r for r in found})
     out = [r for r in runs.values() if r.evals]
     skipped = [f"{r.source}: {r.why_no_metrics}" for r in runs.values() if not r.evals]

@@ -38,9 +38,11 @@ def test_named_schedules_follow_their_formulas():
     assert warm[0] == 1e-4 and (warm[10:] == 2e-2).all()
 
 
-@pytest.mark.parametrize(("start", "end"), [(1e-6, -1.0), (-1e-6, 1e-2), (1e-6, 1.5), (0.0, 1e-2)])
+@pytest.mark.parametrize(
+    ("start", "end"), [(1e-6, -1.0), (-1e-6, 1e-2), (1e-6, 1.5), (0.0, 1e-2), (1e-6, 1.0)]
+)
 def test_betas_outside_0_1_are_refused_naming_the_settings(start, end):
-    with pytest.raises(ValueError, match=r"each must lie in \(0, 1\]: set beta_start and beta_end"):
+    with pytest.raises(ValueError, match=r"each must lie in \(0, 1\): set beta_start and beta_end"):
         make_schedule("linear", 100, start, end)
 
 

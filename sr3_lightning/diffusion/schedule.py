@@ -179,11 +179,12 @@ def make_schedule(
 ) -> Schedule:
     """A named schedule; the defaults are the reference 16->128 model's (linear, T=2000, 1e-6..1e-2)."""
     betas = make_betas(kind, num_timesteps, start, end, cosine_s)
-    if not ((betas > 0) & (betas <= 1)).all():
+    top = 1.0 if kind == "jsd" else np.nextafter(1.0, 0.0)  # jsd ends at beta = 1 by definition
+    if not ((betas > 0) & (betas <= top)).all():
         raise ValueError(
             f"beta schedule {kind} from {start} to {end} gives betas in "
             f"[{betas.min():.3g}, {betas.max():.3g}]; "
-            "each must lie in (0, 1]: set beta_start and beta_end between 0 and 1 (the reference: 1e-6, 1e-2)"
+            "each must lie in (0, 1): set beta_start and beta_end between 0 and 1 (the reference: 1e-6, 1e-2)"
         )
     return Schedule.from_betas(betas)
 

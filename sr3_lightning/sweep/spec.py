@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import itertools
 import os
 import re
 import warnings
@@ -180,8 +179,9 @@ def check_values(cfg: Any) -> None:
 
 
 def combinations(sweep: Sweep) -> list[dict[str, Any]]:
-    """The parameter sets to check: every run of a grid sweep (as the W&B engine proposes them), else
-    every combination of each parameter's listed values or range ends."""
+    """The parameter sets to check: every run of a grid sweep (as the W&B engine proposes them, so
+    pairs like t_min 80 with t_max 50 are seen); for random and bayes sweeps, whose runs are drawn later,
+    each parameter's listed values or range ends, combined row by row (their product can be huge)."""
     if sweep.method == "grid":
         engine, runs = sweep_engine(), []
         while (run := engine.next_run(sweep.config, runs)) is not None:
@@ -189,7 +189,8 @@ def combinations(sweep: Sweep) -> list[dict[str, Any]]:
         return [{k: v["value"] for k, v in r.config.items()} for r in runs]
     candidates = {name: _candidates(spec) for name, spec in sweep.config["parameters"].items()}
     candidates = {name: values for name, values in candidates.items() if values}
-    return [dict(zip(candidates, values)) for values in itertools.product(*candidates.values())]
+    rows = max((len(v) for v in candidates.values()), default=0)
+    return [{name: values[i % len(values)] for name, values in candidates.items()} for i in range(rows)]
 
 
 def check_parameters(sweep: Sweep) -> Any:
