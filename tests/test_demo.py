@@ -2,10 +2,12 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
 from sr3_lightning.cli import cli_main
+from sr3_lightning.commands.demo import MARKER, reset_data_dir
 from tests.conftest import write_images
 
 
@@ -100,3 +102,11 @@ def test_demo_leaves_data_it_did_not_make_alone(demo_without_fit, tmp_path, caps
     err = capsys.readouterr().err
     assert "did not record making" in err and "Pass a new --data-dir" in err
     assert mine.is_file() and sorted(p.name for p in mine.parent.iterdir()) == [mine.name]
+
+
+def test_default_data_dir_of_an_older_demo_is_rebuilt(monkeypatch, tmp_path):
+    """demo_data/ is the demo's own folder: one an older demo left without its marker is rebuilt."""
+    monkeypatch.chdir(tmp_path)
+    old = write_images(Path("demo_data") / "images" / "train" / "photos", 1, prefix="old_")[0]
+    reset_data_dir(Path("demo_data"), "bundled scikit-image photos")
+    assert not old.exists() and (Path("demo_data") / MARKER).is_file()

@@ -28,6 +28,7 @@ DOMAINS = {
 }
 CROPS = {"train/photos": 48, "val/photos": 8, "val/science": 3}  # crops per photo
 CROP = 96  # px; make_shards then resizes to the model's 32 px HR / 8 px LR
+DEFAULT_DATA_DIR = Path("demo_data")
 MARKER = "demo_source.json"  # written into --data-dir: says the demo made its images/ and shards/ folders
 
 
@@ -36,7 +37,7 @@ def parser() -> ArgumentParser:
     p.add_argument(
         "--src", type=Path | None, default=None, help="your own image folder (default: bundled photos)"
     )
-    p.add_argument("--data-dir", type=Path, default=Path("demo_data"), help="where crops and shards go")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="where crops and shards go")
     p.add_argument("--config", type=Path, default=CONFIG, help="the fit config to run")
     return p
 
@@ -94,7 +95,7 @@ def made_from(marker: Path) -> str:
     """The source a marker records (for the log only: the demo rebuilds its folders on every run)."""
     try:
         return str(json.loads(marker.read_text())["source"])
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # no marker: an older demo made the folder
         return "an unknown source"
 
 
@@ -107,7 +108,8 @@ def reset_data_dir(data_dir: Path, source: str) -> None:
     marker = data_dir / MARKER
     ours = [data_dir / kind / domain for kind in ("images", "shards") for domain in DOMAINS]
     existing = [f for f in ours if f.is_dir() and any(f.iterdir())]
-    if existing and not marker.is_file():
+    # the default folder is the demo's own (`make clean` removes it), also when an older demo left no marker
+    if existing and not marker.is_file() and data_dir != DEFAULT_DATA_DIR:
         raise ValueError(
             f"--data-dir {data_dir} already holds {existing[0]}, which this demo did not record making "
             f"(no {MARKER}), so it will not overwrite or mix with it. Pass a new --data-dir, or, if it is "

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -68,7 +68,7 @@ def load_model(ckpt: Path, device: str) -> SR3Module:
     return model.eval()
 
 
-def check_args(args) -> None:
+def check_args(args: Namespace) -> None:
     """Numbers that would fail late (or with a cryptic message) are refused before the model loads."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: use a positive number of images per batch, e.g. 8")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 from PIL import Image
 
 from sr3_lightning.commands.sample import load_model
@@ -46,7 +46,7 @@ def parser() -> ArgumentParser:
     return p
 
 
-def check_args(args) -> tuple[float | str, tuple[int, int] | None, dict | None]:
+def check_args(args: Namespace) -> tuple[float | str, tuple[int, int] | None, dict | None]:
     """Validate everything before the model is loaded: (level or 'auto', size or None, PRF table or None)."""
     level = parse_noise_level(args.noise_level)
     if (args.scale is None) == (args.size is None):
