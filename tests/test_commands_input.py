@@ -102,3 +102,14 @@ def test_distinct_names_still_all_get_written(tiny_ckpt, tmp_path, command):
     suffix = "_sr.png" if command == "sample" else "_diffsr.png"
     written = {p.name for p in (tmp_path / "out").glob(f"*{suffix}")}
     assert written == {f"a{suffix}", f"a_b{suffix}", f"b{suffix}"}
+
+
+def test_upscale_checks_the_target_size_against_every_input_first(tiny_ckpt, tmp_path, capsys):
+    inputs = colour_images(tmp_path / "in", "a.png")
+    Image.new("RGB", (40, 40)).save(inputs / "z_large.png")  # last in name order: after a.png's output
+    argv = ["upscale", "--ckpt", str(tiny_ckpt), "--input", str(inputs), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit):
+        cli_main([*argv, *FAST, "--size", "32x32", "--noise-level", "0.3"])
+    err = capsys.readouterr().err
+    assert "z_large.png: --size 32x32 does not enlarge the 40x40 input" in err
+    assert not (tmp_path / "out").exists()

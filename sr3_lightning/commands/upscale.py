@@ -87,12 +87,23 @@ def warn_if_table_differs(table: dict, prf: Path, model, sampler: str, steps: in
         )
 
 
+def check_targets(files: list[Path], scale: float | None, size: tuple[int, int] | None) -> None:
+    """A ``--size`` that does not enlarge some input fails now, not after the earlier outputs were made."""
+    for path in files:
+        with Image.open(path) as img:
+            try:
+                target_size(img.size, scale, size)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
+
+
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     level_arg, size, table = check_args(args)
     files = list_images(args.input)
     check_output_names(files, "_diffsr.png")
     check_readable(files)
+    check_targets(files, args.scale, size)
     model = load_model(args.ckpt, args.device)
     if table is not None:
         warn_if_table_differs(table, args.prf, model, args.sampler, args.steps)
