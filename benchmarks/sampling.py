@@ -139,7 +139,7 @@ def quality(module: SR3Module, row: dict, val: dict[str, torch.Tensor], device: 
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", type=Path, help="our checkpoint to load")
@@ -172,13 +172,11 @@ def main(argv: list[str] | None = None) -> None:
         "--json", type=Path, default=None, help="default: benchmarks/results/sampling-DEVICE.json"
     )
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    argv = sys.argv[1:] if argv is None else argv
-    own, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    args = ap.parse_args(own)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return ap
+
+
+def model_and_val(args: argparse.Namespace, overrides: list[str], device: torch.device):
+    """(checkpoint path, module ready to sample, val specs): trained first with ``--train``."""
     bad = [s for s in args.val or [] if ":" not in s or not s.split(":", 1)[0]]
     if bad:  # before any training
         raise SystemExit(f"--val {' '.join(bad)}: give domain:SHARD_DIR, e.g. photos:data/shards/photos_val")
@@ -198,47 +196,34 @@ def main(argv: list[str] | None = None) -> None:
     paths.apply(module.sampling_unet)
     if args.compile:
         compile_for_sampling(module.sampling_unet)
-    val = load_val(val_specs, module, args.num_images)
-    T = module.schedule.num_timesteps
-    if skipped := [k for k in args.ks if k >= T]:
-        print(f"--ks {' '.join(map(str, skipped))}: not fewer steps than the model's T={T}, left out")
-    step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get(
-        "global_step"
-    )  # no tensor read
-    print(f"model {ckpt} (T={T}, {step} steps), {len(val['hr'])} val images, device {device_name(device)}")
+    return ckpt, module, val_specs
 
-    meta = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "argv": sys.argv[1:],
-        "ckpt": str(ckpt),
-        "trained_steps": step,
-    }
-    meta |= {"val": val_specs, "num_images": len(val["hr"]), "seeds": args.seeds, "compile": args.compile}
-    meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    out_path = args.json or RESULTS / f"sampling-{device.type}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    rows, full = [], {}
-    for row in rows_to_run(args.ks, args.starts, T):
-        scores, nfe = [], 0
-        for seed in range(args.seeds):
-            sr, nfe, s = quality(module, row, val, device, seed)
-            if row["steps"] is None:
-                full[seed], s["psnr_vs_full"] = sr, None
-            else:
-                s["psnr_vs_full"] = psnr(to_uint8(sr), to_uint8(full[seed])).mean().item()
-            scores.append(s)
-        out = {**row, "nfe": nfe}
-        for k, v in scores[0].items():
-            out[k] = statistics.mean(s[k] for s in scores) if v is not None else None
-        for b in args.time_batches:
-            sec, scaled = seconds_per_image(
-                module, row, val["lr_up"].to(device), b, args.time_repeats, args.time_cap
-            )
-            out[f"s_per_image_b{b}"], out[f"s_per_image_b{b}_extrapolated"] = sec, scaled
-        rows.append(out)
-        print_row(out, args.time_batches)
-        out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive
+
+def measure(module: SR3Module, row: dict, val: dict, full: dict, args: argparse.Namespace) -> dict:
+    """One sampler row: quality averaged over the seeds (the full chain's samples kept in ``full``), then
+    seconds per image at each timing batch."""
+    device = torch.device(args.device)
+    scores, nfe = [], 0
+    for seed in range(args.seeds):
+        sr, nfe, s = quality(module, row, val, device, seed)
+        if row["steps"] is None:
+            full[seed], s["psnr_vs_full"] = sr, None
+        else:
+            s["psnr_vs_full"] = psnr(to_uint8(sr), to_uint8(full[seed])).mean().item()
+        scores.append(s)
+    out = {**row, "nfe": nfe}
+    for k, v in scores[0].items():
+        out[k] = statistics.mean(s[k] for s in scores) if v is not None else None
+    for b in args.time_batches:
+        sec, scaled = seconds_per_image(
+            module, row, val["lr_up"].to(device), b, args.time_repeats, args.time_cap
+        )
+        out[f"s_per_image_b{b}"], out[f"s_per_image_b{b}_extrapolated"] = sec, scaled
+    return out
+
+
+def verdict(rows: list[dict], num_timesteps: int) -> str:
+    """The target: the fewest evaluations (<= 100) within 0.2 dB / 0.01 SSIM of the full chain."""
     ref = rows[0]
     ok = [  # respaced chains from pure noise only: start-from-step rows begin at the bicubic image
         r
@@ -246,12 +231,44 @@ def main(argv: list[str] | None = None) -> None:
         if r["t_start"] is None and r["nfe"] <= 100
         if r["psnr"] >= ref["psnr"] - 0.2 and r["ssim"] >= ref["ssim"] - 0.01
     ]
-    print_table(rows, args.time_batches, device_name(device))
     best = min(ok, key=lambda r: r["nfe"]) if ok else None
-    meta["verdict"] = (
-        f"fewest evaluations (<= 100) within 0.2 dB PSNR and 0.01 SSIM of the full {T}-step chain: "
-        + (f"{best['name']} ({T / best['nfe']:.0f}x fewer)" if best else "none")
-    )
+    found = f"{best['name']} ({num_timesteps / best['nfe']:.0f}x fewer)" if best else "none"
+    target = f"within 0.2 dB PSNR and 0.01 SSIM of the full {num_timesteps}-step chain"
+    return f"fewest evaluations (<= 100) {target}: {found}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    own, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = parser().parse_args(own)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ckpt, module, val_specs = model_and_val(args, overrides, device)
+    val = load_val(val_specs, module, args.num_images)
+    T = module.schedule.num_timesteps
+    if skipped := [k for k in args.ks if k >= T]:
+        print(f"--ks {' '.join(map(str, skipped))}: not fewer steps than the model's T={T}, left out")
+    step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    print(f"model {ckpt} (T={T}, {step} steps), {len(val['hr'])} val images, device {device_name(device)}")
+    meta = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "argv": sys.argv[1:],
+        "ckpt": str(ckpt),
+    }
+    meta |= {"trained_steps": step, "val": val_specs, "num_images": len(val["hr"]), "seeds": args.seeds}
+    meta |= {"compile": args.compile, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out_path = args.json or RESULTS / f"sampling-{device.type}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows, full = [], {}
+    for row in rows_to_run(args.ks, args.starts, T):
+        rows.append(measure(module, row, val, full, args))
+        print_row(rows[-1], args.time_batches)
+        out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # partial results survive
+    print_table(rows, args.time_batches, device_name(device))
+    meta["verdict"] = verdict(rows, T)
     print(meta["verdict"])
     out_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out_path}")
