@@ -159,6 +159,52 @@ def _encoded(
         yield from pool.imap(_encode, items, chunksize=8)
 
 
+def _check_out(out: Path, domain: str) -> None:
+    """One directory per domain: never mix a domain's shards into another's index."""
+    if (out / INDEX_NAME).is_file():
+        previous = json.loads((out / INDEX_NAME).read_text()).get("domain")
+        if previous != domain:
+            raise ValueError(
+                f"--out {out} already holds domain '{previous}'; use one directory per domain, "
+                f"e.g. {out / domain}"
+            )
+
+
+def _write_all(
+    source: Source,
+    out: Path,
+    domain: str,
+    items: Sequence[Item],
+    shard_size: int,
+    workers: int,
+    progress: bool,
+) -> tuple[_ShardWriter, list[dict[str, str]]]:
+    """Encode and write every item; unreadable images are logged and listed, not fatal."""
+    writer = _ShardWriter(out, domain, shard_size)
+    skipped: list[dict[str, str]] = []
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=len(items), unit="img", disable=not progress, desc=domain) as bar,
+    ):
+        for item, payload, error in _encoded(source, domain, items, workers):
+            if payload is None:
+                log.warning("skipping unreadable image %s (%s)", item.source, error)
+                skipped.append({"source": item.source, "error": error.split(":")[0]})
+            else:
+                writer.add(item.key, payload)
+            bar.update()
+    writer.close()
+    return writer, skipped
+
+
+def _remove_stale(out: Path, domain: str, written: set[str]) -> None:
+    """Shards of an earlier, larger run of the same domain would otherwise sit beside the new index."""
+    for stale in sorted(out.glob(f"{domain}-*.tar")):
+        if stale.name not in written and re.fullmatch(rf"{re.escape(domain)}-\d{{6}}\.tar", stale.name):
+            log.info("removing %s left over from an earlier, larger run", stale)
+            stale.unlink()
+
+
 def make_shards(
     src: Path,
     out: Path,
@@ -182,36 +228,16 @@ def make_shards(
         raise ValueError(f"--src {src}: no images found ({source.kind}); expected PNG/JPEG files")
     _check_keys(items)
     out = Path(out)
-    if (out / INDEX_NAME).is_file():
-        previous = json.loads((out / INDEX_NAME).read_text()).get("domain")
-        if previous != domain:
-            raise ValueError(
-                f"--out {out} already holds domain '{previous}'; use one directory per domain, "
-                f"e.g. {out / domain}"
-            )
+    _check_out(out, domain)
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    writer = _ShardWriter(out, domain, shard_size)
-    skipped: list[dict[str, str]] = []
-    with (
-        logging_redirect_tqdm(),
-        tqdm(total=len(items), unit="img", disable=not progress, desc=domain) as bar,
-    ):
-        for item, payload, error in _encoded(source, domain, items, workers):
-            if payload is None:
-                log.warning("skipping unreadable image %s (%s)", item.source, error)
-                skipped.append({"source": item.source, "error": error.split(":")[0]})
-            else:
-                writer.add(item.key, payload)
-            bar.update()
-    writer.close()
+    writer, skipped = _write_all(source, out, domain, items, shard_size, workers, progress)
     elapsed = time.perf_counter() - start
     if not writer.shards:
         raise ValueError(
             f"--src {src}: none of the {len(items)} images could be read; see the warnings above"
         )
-
     index = {
         "format": FORMAT,
         "tool_version": TOOL_VERSION,
@@ -225,20 +251,10 @@ def make_shards(
         "shards": writer.shards,
     }
     (out / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
-    written = {s["name"] for s in writer.shards}
-    for stale in sorted(out.glob(f"{domain}-*.tar")):
-        if stale.name not in written and re.fullmatch(rf"{re.escape(domain)}-\d{{6}}\.tar", stale.name):
-            log.info("removing %s left over from an earlier, larger run", stale)
-            stale.unlink()
-
+    _remove_stale(out, domain, {s["name"] for s in writer.shards})
     log.info(
         "%s: wrote %d samples in %d shards to %s in %.1f s (%.1f images/s)",
-        domain,
-        index["num_samples"],
-        len(writer.shards),
-        out,
-        elapsed,
-        len(items) / elapsed,
+        *(domain, index["num_samples"], len(writer.shards), out, elapsed, len(items) / elapsed),
     )
     if skipped:
         names = ", ".join(s["source"] for s in skipped[:20]) + (" ..." if len(skipped) > 20 else "")
