@@ -201,7 +201,7 @@ def selected_combos(args: argparse.Namespace) -> list[dict]:
     return select_rows(rows(args.combos, set(args.exclude)), args.only, every, context)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=list(CONFIGS), default="real")
     ap.add_argument(
@@ -235,7 +235,42 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def interleaved_rows(args: argparse.Namespace, common: dict, combos: list[dict], batches: list[str]) -> list:
+    """Every combination in this process, one timed block each per round (`--interleave`)."""
+    if "max" in batches:
+        raise SystemExit("--interleave measures fixed batch sizes; search 'max' without it")
+    logging.disable(logging.WARNING)
+    device, rows = torch.device(args.device), []
+    for b in map(int, batches):
+        outs = interleaved_step_times(
+            args.config, b, combos, device, common["warmup"], common["steps"], args.repeats
+        )
+        for combo, out in zip(combos, outs):
+            rows.append(make_row({**common, "combo": combo, "batch": b}, out, device, args.peak_tflops))
+    return rows
+
+
+def child_row(args: argparse.Namespace, common: dict, combo: dict, batch: str) -> dict:
+    """One row in a fresh process; ``max`` searches the largest batch first, then backs off on OOM."""
+    device = torch.device(args.device)
+    spec = {**common, "combo": combo, "batch": 4}
+    spec["batch"] = largest_batch(spec, args.max_batch_limit) if batch == "max" else int(batch)
+    if spec["batch"] == 0:
+        return {"config": args.config, "batch": 0, "combo": row_name(combo), "oom": True}
+    out = run_child(spec)
+    for _ in range(3 if batch == "max" else 0):  # compile may need more memory than the eager probe
+        if not out.get("oom"):
+            break
+        spec["batch"] = max(1, spec["batch"] * 9 // 10)
+        out = run_child(spec)
+    return {**make_row(spec, out, device, args.peak_tflops), "max_batch": batch == "max"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
     if args.threads:
@@ -249,39 +284,22 @@ def main(argv: list[str] | None = None) -> None:
             f"--batches {' '.join(bad)}: each must be a positive integer or 'max', e.g. 4 16 max"
         )
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    steps = args.steps or (20 if gpu else 2)
     combos = selected_combos(args)
-    common = {"config": args.config, "device": str(device), "warmup": warmup, "steps": steps}
+    common = {
+        "config": args.config,
+        "device": str(device),
+        "warmup": warmup,
+        "steps": args.steps or (20 if gpu else 2),
+    }
     common |= {"repeats": args.repeats, "threads": torch.get_num_threads()}
-    rows = []
-    if args.interleave:
-        if "max" in batches:
-            raise SystemExit("--interleave measures fixed batch sizes; search 'max' without it")
-        logging.disable(logging.WARNING)
-        for b in map(int, batches):
-            outs = interleaved_step_times(args.config, b, combos, device, warmup, steps, args.repeats)
-            for combo, out in zip(combos, outs):
-                rows.append(make_row({**common, "combo": combo, "batch": b}, out, device, args.peak_tflops))
+    rows = interleaved_rows(args, common, combos, batches) if args.interleave else []
     for combo in combos if not args.interleave else []:
         for b in batches:
-            spec = {**common, "combo": combo, "batch": 4}
-            spec["batch"] = largest_batch(spec, args.max_batch_limit) if b == "max" else int(b)
-            if spec["batch"] == 0:
-                rows.append({"config": args.config, "batch": 0, "combo": row_name(combo), "oom": True})
-                continue
-            out = run_child(spec)
-            for _ in range(3 if b == "max" else 0):  # compile may need more memory than the eager probe
-                if not out.get("oom"):
-                    break
-                spec["batch"] = max(1, spec["batch"] * 9 // 10)
-                out = run_child(spec)
-            rows.append({**make_row(spec, out, device, args.peak_tflops), "max_batch": b == "max"})
+            rows.append(child_row(args, common, combo, b))
             print_table(rows[-1:], device_name(device))
     print_table(rows, device_name(device))
-    out = (
-        args.json
-        or RESULTS / f"train_step-{re.sub(r'[^a-z0-9]+', '_', device.type + '_' + args.config)}.json"
-    )
+    name = re.sub(r"[^a-z0-9]+", "_", device.type + "_" + args.config)
+    out = args.json or RESULTS / f"train_step-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_name(device), "torch": torch.__version__, "argv": sys.argv[1:]}
     meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
