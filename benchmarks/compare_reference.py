@@ -174,7 +174,7 @@ def write_results(out: Path, meta: dict, batch: int, train: dict, reverse: dict)
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", type=Path, required=True, help="root of a reference SR3 checkout")
     ap.add_argument("--config", choices=list(CONFIGS), default="real")
@@ -190,41 +190,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reverse-steps", type=int, default=None, help="reverse steps per block (50 GPU, 4 CPU)")
     ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/compare_reference-…")
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.disable(logging.WARNING)
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
-    steps, warmup = (
-        args.steps or (20 if gpu else 2),
-        args.warmup if args.warmup is not None else (5 if gpu else 1),
-    )
-    k = args.reverse_steps or (50 if gpu else 4)
-    if gpu:
-        torch.backends.cudnn.benchmark = True  # the reference's sr.py setting; our Trainer sets it too
-    torch.manual_seed(0)
-    np.random.seed(0)
+    return ap
 
-    cfg, num_timesteps = CONFIGS[args.config]
-    # our defaults: the fast paths for the device
-    module = SR3Module(unet=cfg, num_timesteps=num_timesteps, compile_mode=args.compile_mode)
-    net, ref_opt = build_reference(args.reference, args.config, module.unet.state_dict(), device)
-    module.to(device)
-    diff = forward_difference(net, module, device)
-    print(f"same weights: max |ours - reference| of one fp32 forward = {diff:.2e}")
-    batch = make_batch(cfg, args.batch)
+
+def alternate(args: argparse.Namespace, net, ref_opt, module: SR3Module, batch: dict, meta: dict, out: Path):
+    """N rounds, each timing both implementations with the order alternating; round 0 is a warm-up
+    (compilation, cuDNN autotuning) and dropped. Returns the per-round seconds of training and reverse."""
+    device, bf16 = torch.device(args.device), args.precision == "bf16-mixed"
+    warmup, steps, k = meta["warmup"], meta["steps"], meta["reverse_steps"]
     cond = batch["lr_up"].to(device)
-    bf16 = args.precision == "bf16-mixed"
-    meta = {"device": device_name(device), "torch": torch.__version__, "argv": sys.argv[1:]}
-    meta |= {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "forward_max_abs_diff": diff}
-    meta |= {"precision": args.precision, "steps": steps, "warmup": warmup, "reverse_steps": k}
-    out = args.json or RESULTS / f"compare_reference-{device.type}_{args.config}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    train = {"reference": [], "ours": []}
-    reverse = {"reference": [], "ours": []}
-    for r in range(args.rounds + 1):  # round 0 warms up (compilation, cuDNN autotuning) and is dropped
-        for who in ("ours", "reference") if r % 2 else ("reference", "ours"):  # alternate who goes first
+    train: dict[str, list[float]] = {"reference": [], "ours": []}
+    reverse: dict[str, list[float]] = {"reference": [], "ours": []}
+    for r in range(args.rounds + 1):
+        for who in ("ours", "reference") if r % 2 else ("reference", "ours"):
             if who == "reference":
                 t_ref = reference_train_block(net, ref_opt, batch, device, warmup, steps)
                 rv_ref = reference_reverse_block(net, cond, k, device)
@@ -235,16 +213,18 @@ def main(argv: list[str] | None = None) -> None:
         if r == 0:
             meta["ours_fast_paths"] = str(module.unet._fast_paths)
             continue
-        train["reference"].append(t_ref)
-        train["ours"].append(t_ours)
-        reverse["reference"].append(rv_ref)
-        reverse["ours"].append(rv_ours)
+        for times, ref, ours in ((train, t_ref, t_ours), (reverse, rv_ref, rv_ours)):
+            times["reference"].append(ref)
+            times["ours"].append(ours)
         print(
             f"round {r}: train step ref {t_ref:.4f} s, ours {t_ours:.4f} s; "
             f"reverse step ref {rv_ref:.4f} s, ours {rv_ours:.4f} s"
         )
         write_results(out, meta, args.batch, train, reverse)  # partial results survive an interruption
-    rows = write_results(out, meta, args.batch, train, reverse)
+    return train, reverse
+
+
+def print_summary(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
     print(f"\ndevice: {meta['device']}, torch {torch.__version__}, config {args.config}, batch {args.batch}")
     print(f"ours: precision {args.precision}, {meta['ours_fast_paths']}")
     print(f"{'':<13} {'reference s':>12} {'ours s':>10} {'ref img/s':>10} {'ours img/s':>11} {'ref/ours':>9}")
@@ -254,6 +234,35 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['reference_images_per_s']:>10.2f} {row['ours_images_per_s']:>11.2f} "
             f"{row['ratio_reference_over_ours']:>8.2f}x"
         )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.disable(logging.WARNING)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # the reference's sr.py setting; our Trainer sets it too
+    torch.manual_seed(0)
+    np.random.seed(0)
+    cfg, num_timesteps = CONFIGS[args.config]
+    # our defaults: the fast paths for the device
+    module = SR3Module(unet=cfg, num_timesteps=num_timesteps, compile_mode=args.compile_mode)
+    net, ref_opt = build_reference(args.reference, args.config, module.unet.state_dict(), device)
+    module.to(device)
+    diff = forward_difference(net, module, device)
+    print(f"same weights: max |ours - reference| of one fp32 forward = {diff:.2e}")
+    meta = {"device": device_name(device), "torch": torch.__version__, "argv": sys.argv[1:]}
+    meta |= {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "forward_max_abs_diff": diff}
+    meta |= {"precision": args.precision, "steps": args.steps or (20 if gpu else 2)}
+    meta |= {"warmup": args.warmup if args.warmup is not None else (5 if gpu else 1)}
+    meta |= {"reverse_steps": args.reverse_steps or (50 if gpu else 4)}
+    out = args.json or RESULTS / f"compare_reference-{device.type}_{args.config}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train, reverse = alternate(args, net, ref_opt, module, make_batch(cfg, args.batch), meta, out)
+    print_summary(write_results(out, meta, args.batch, train, reverse), meta, args)
     print(f"wrote {out}")
 
 
