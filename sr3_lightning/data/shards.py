@@ -227,6 +227,36 @@ def _check_decodes(
     return None
 
 
+def _shard_problems(
+    index: ShardIndex, shard: ShardInfo, path: Path, members: dict, error: str | None
+) -> list[str]:
+    """What is wrong with one shard file against its index entry (empty: it is what make_shards wrote)."""
+    problems = [f"{path}: {error}"] if error else []
+    digest = file_sha256(path)
+    if digest != shard.sha256:
+        problems.append(
+            f"{path}: sha256 {digest[:12]}... does not match {index.path} ({shard.sha256[:12]}...), "
+            "the shard changed after make_shards"
+        )
+    if list(members) != list(shard.keys):
+        problems.append(f"{path}: holds {len(members)} samples but {index.path} lists {shard.num_samples}")
+    return problems
+
+
+def _undecodable(
+    index: ShardIndex, path: Path, members: dict, keys: Sequence[str], first_only: bool
+) -> dict[str, str]:
+    """Key -> reason for the samples of a changed shard that no longer decode at the index's sizes."""
+    bad: dict[str, str] = {}
+    for key in keys:
+        reason = _check_decodes(path, key, members.get(key, {}), index.lr_size, index.hr_size)
+        if reason:
+            bad[key] = f"{path}: {reason}"
+            if first_only:
+                break
+    return bad
+
+
 def locate_samples(
     index: ShardIndex,
     keys: Sequence[str],
@@ -254,26 +284,11 @@ def locate_samples(
             problems.append(f"{path} is missing")
             continue
         members, error = _scan_tar(path)
-        digest = file_sha256(path)
-        shard_problems = [f"{path}: {error}"] if error else []
-        if digest != shard.sha256:
-            shard_problems.append(
-                f"{path}: sha256 {digest[:12]}... does not match {index.path} ({shard.sha256[:12]}...), "
-                "the shard changed after make_shards"
-            )
-        if list(members) != list(shard.keys):
-            shard_problems.append(
-                f"{path}: holds {len(members)} samples but {index.path} lists {shard.num_samples}"
-            )
+        shard_problems = _shard_problems(index, shard, path, members, error)
         usable = [k for k in shard.keys if k in wanted]
         bad: dict[str, str] = {}
         if shard_problems:
-            for key in usable:
-                reason = _check_decodes(path, key, members.get(key, {}), index.lr_size, index.hr_size)
-                if reason:
-                    bad[key] = f"{path}: {reason}"
-                    if on_corrupt == "raise":
-                        break
+            bad = _undecodable(index, path, members, usable, first_only=on_corrupt == "raise")
             if on_corrupt == "raise":
                 raise ShardError("; ".join([shard_problems[0], *bad.values()]) + f"; {fix}")
             problems.extend([*shard_problems, *bad.values()])
