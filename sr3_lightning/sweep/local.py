@@ -147,6 +147,70 @@ class _StopFlag:
         self.signum = signum
 
 
+class _Launch:
+    """The runs of one launch: asks the engine for the next run whenever a device slot is free, records
+    each run that ends, and tells the engine about them, so its next suggestions account for them."""
+
+    def __init__(self, sweep: Sweep, sweep_dir: Path, finished: list[dict[str, Any]], count: int | None):
+        self.sweep, self.sweep_dir, self.count = sweep, sweep_dir, count
+        self.metric = (sweep.config.get("metric") or {}).get("name")
+        self.engine = sweep_engine()
+        self.known = [self.as_run(r, "finished") for r in finished]
+        self.running: dict[str | None, _Trial] = {}
+        self.ended: list[dict[str, Any]] = []
+        self.started, self.exhausted = 0, False
+
+    def as_run(self, record: dict[str, Any], state: str) -> Any:
+        """A run in the engine's terms: its parameters, state and (when finished) the sweep's metric."""
+        value = record.get("metric")
+        summary = {self.metric: value} if self.metric and value is not None else {}
+        config = {k: {"value": v} for k, v in record["params"].items()}
+        return self.engine.SweepRun(
+            name=record["run_id"], config=config, state=state, summary_metrics=summary
+        )
+
+    def fill(self, slots: list[str | None]) -> None:
+        """Start the engine's next run on every free slot, until it has none or ``count`` are started."""
+        for slot in slots:
+            if (
+                slot in self.running
+                or self.exhausted
+                or (self.count is not None and self.started >= self.count)
+            ):
+                continue
+            busy = [
+                self.as_run({"run_id": t.run_id, "params": t.params}, "running")
+                for t in self.running.values()
+            ]
+            suggestion = self.engine.next_run(self.sweep.config, self.known + busy)
+            if suggestion is None:
+                self.exhausted = True
+                continue
+            params = {k: v["value"] for k, v in suggestion.config.items()}
+            taken = {r.name for r in self.known} | {t.run_id for t in self.running.values()}
+            self.running[slot] = _start(self.sweep, self.sweep_dir, params, slot, taken)
+            self.started += 1
+
+    def reap(self, stopped: bool) -> None:
+        """Record the runs that have exited; a run ended by a stop is left to redo on relaunch."""
+        for slot, trial in list(self.running.items()):
+            code = trial.proc.poll()
+            if code is None:
+                continue
+            del self.running[slot]
+            record = _end(self.sweep_dir, trial, code, self.metric, stopped=stopped)
+            if record is not None:
+                self.ended.append(record)
+                self.known.append(self.as_run(record, record["state"]))
+
+    def end_running(self, kill: bool) -> None:
+        for trial in self.running.values():
+            if kill:
+                trial.proc.kill()
+            else:
+                trial.proc.send_signal(signal.SIGTERM)
+
+
 def run_local(
     sweep: Sweep, sweep_dir: Path, devices: list[str] | None = None, count: int | None = None
 ) -> list[dict[str, Any]]:
@@ -155,67 +219,37 @@ def run_local(
     devices: CUDA_VISIBLE_DEVICES values, one concurrent run each; None runs one at a time on whatever
     device ``fit`` picks. count: start at most this many runs in this launch (needed for random/bayes).
     """
-    sweeps = sweep_engine()
     if sweep.method != "grid" and count is None:
         raise ValueError(f"{sweep.path}: a {sweep.method} sweep never ends by itself; pass --count N")
     sweep_dir = Path(sweep_dir).resolve()
     _claim(sweep_dir, sweep)
-    metric = (sweep.config.get("metric") or {}).get("name")
     finished = {r["run_id"]: r for r in read_records(sweep_dir) if r["state"] == "finished"}
     if finished:
         log.info("%s: %d finished run(s) are kept and skipped", sweep_dir, len(finished))
-
-    def as_run(record: dict[str, Any], state: str) -> Any:
-        summary = {metric: record["metric"]} if metric and record.get("metric") is not None else {}
-        config = {k: {"value": v} for k, v in record["params"].items()}
-        return sweeps.SweepRun(name=record["run_id"], config=config, state=state, summary_metrics=summary)
-
-    known = [as_run(r, "finished") for r in finished.values()]
+    launch = _Launch(sweep, sweep_dir, list(finished.values()), count)
     slots: list[str | None] = list(devices) if devices else [None]
-    running: dict[str | None, _Trial] = {}
-    ended: list[dict[str, Any]] = []
-    started, exhausted, stop_since = 0, False, None
+    stop_since = None
     with _StopFlag() as stop:
         while True:
-            for slot in slots:
-                if slot in running or stop.signum or exhausted or (count is not None and started >= count):
-                    continue
-                busy = [as_run({"run_id": t.run_id, "params": t.params}, "running") for t in running.values()]
-                suggestion = sweeps.next_run(sweep.config, known + busy)
-                if suggestion is None:
-                    exhausted = True
-                    continue
-                params = {k: v["value"] for k, v in suggestion.config.items()}
-                taken = {r.name for r in known} | {t.run_id for t in running.values()}
-                running[slot] = _start(sweep, sweep_dir, params, slot, taken)
-                started += 1
-            if not running:
+            if not stop.signum:
+                launch.fill(slots)
+            if not launch.running:
                 break
             time.sleep(POLL_S)
             if stop.signum and stop_since is None:
                 stop_since = time.monotonic()
                 log.warning(
-                    "stopping: ending %d running run(s); they will be redone on relaunch", len(running)
+                    "stopping: ending %d running run(s); they will be redone on relaunch", len(launch.running)
                 )
-                for trial in running.values():
-                    trial.proc.send_signal(signal.SIGTERM)
+                launch.end_running(kill=False)
             if stop_since is not None and time.monotonic() - stop_since > STOP_GRACE_S:
-                for trial in running.values():
-                    trial.proc.kill()
-            for slot, trial in list(running.items()):
-                code = trial.proc.poll()
-                if code is None:
-                    continue
-                del running[slot]
-                record = _end(sweep_dir, trial, code, metric, stopped=stop.signum is not None)
-                if record is not None:
-                    ended.append(record)
-                    known.append(as_run(record, record["state"]))
+                launch.end_running(kill=True)
+            launch.reap(stopped=stop.signum is not None)
     if stop.signum:
         log.warning("sweep stopped by signal %d; run the same command again to resume", stop.signum)
         raise SystemExit(128 + stop.signum)
-    _summarise(sweep_dir, ended, exhausted)
-    return ended
+    _summarise(sweep_dir, launch.ended, launch.exhausted)
+    return launch.ended
 
 
 def _start(
