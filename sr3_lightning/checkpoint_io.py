@@ -54,15 +54,20 @@ def _step_of(path: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
-def is_loadable(path: Path) -> str | None:
-    """None when ``path`` is a complete Lightning checkpoint, else why it is not."""
+def read_checkpoint(path: Path) -> tuple[dict | None, str | None]:
+    """(checkpoint, None) for a complete Lightning checkpoint (memory-mapped), else (None, why not)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # truncated zip, foreign file, unpickling error
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        return "not a Lightning checkpoint (no state_dict / global_step)"
-    return None
+        return None, "not a Lightning checkpoint (no state_dict / global_step)"
+    return ckpt, None
+
+
+def is_loadable(path: Path) -> str | None:
+    """None when ``path`` is a complete Lightning checkpoint, else why it is not."""
+    return read_checkpoint(path)[1]
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path | None:

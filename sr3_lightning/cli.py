@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -176,11 +177,8 @@ def cli_main(args: ArgsType = None) -> SR3CLI | None:
     commands = _commands()
     show_project_logs()
     if argv and argv[0] in commands:
-        try:
+        with bad_input_exits():
             commands[argv[0]](argv[1:])
-        except (ValueError, FileNotFoundError) as err:  # bad input: one paragraph, no traceback
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
         return None
     if argv and argv[0] in ("-h", "--help"):
         print("Project commands: " + ", ".join(commands) + " (each takes --help).\n")
@@ -191,11 +189,17 @@ def cli_main(args: ArgsType = None) -> SR3CLI | None:
         return SR3CLI(args=argv)
 
 
-def main() -> None:
-    """The command line: bad input (missing or corrupt files, bad values) is one paragraph and exit code 2,
-    not a traceback; in-process callers of `cli_main` get the exception instead."""
+@contextlib.contextmanager
+def bad_input_exits() -> Iterator[None]:
+    """Bad input (missing or corrupt files, bad values) is one paragraph and exit code 2, not a traceback."""
     try:
-        cli_main()
+        yield
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main() -> None:
+    """The command line; in-process callers of `cli_main` get fit's and validate's exceptions instead."""
+    with bad_input_exits():
+        cli_main()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
+from sr3_lightning.checkpoint_io import read_checkpoint
 
 # Settings that change speed or bookkeeping, not what is trained: a resumed run may change them freely.
 FREE_ON_RESUME = frozenset(
@@ -33,14 +33,13 @@ def read_checkpoint_head(path: str | Path) -> tuple[int, dict[str, Any]]:
             f"checkpoint {path} does not exist; pass a .ckpt from a run's checkpoints/ folder, or leave out "
             "--ckpt_path to resume the run directory's newest checkpoint"
         )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        return int(ckpt["global_step"]), dict(ckpt.get("hyper_parameters") or {})
-    except Exception as err:  # torch raises many types for truncated or foreign files
+    ckpt, problem = read_checkpoint(path)
+    if ckpt is None:
         raise ValueError(
-            f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is truncated or not an "
-            "sr3-lightning checkpoint. Pick another file from checkpoints/, or start anew with --fresh."
-        ) from None
+            f"checkpoint {path} cannot be read ({problem}); it is truncated or not an sr3-lightning "
+            "checkpoint. Pick another file from checkpoints/, or start anew with --fresh."
+        )
+    return int(ckpt["global_step"]), dict(ckpt.get("hyper_parameters") or {})
 
 
 def _plain(value: Any) -> Any:
