@@ -191,12 +191,29 @@ def cli_main(args: ArgsType = None) -> SR3CLI | None:
 
 @contextlib.contextmanager
 def bad_input_exits() -> Iterator[None]:
-    """Bad input (missing or corrupt files, bad values) is one paragraph and exit code 2, not a traceback."""
+    """Bad input (missing or corrupt files, bad values) is one paragraph and exit code 2, not a traceback.
+
+    A ValueError counts as bad input only when our own checks raised it; one from inside torch or another
+    library is more likely a bug, and its traceback is what a bug report needs."""
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
+        if not isinstance(err, FileNotFoundError) and not _raised_by_project(err):
+            raise
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+PROJECT_MODULES = ("sr3_lightning", "dataset_tools")
+
+
+def _raised_by_project(err: BaseException) -> bool:
+    """Whether the innermost frame of `err`'s traceback is in this project's code."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module.split(".")[0] in PROJECT_MODULES
 
 
 def main() -> None:

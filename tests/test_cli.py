@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from sr3_lightning.cli import cli_main
+from sr3_lightning.cli import bad_input_exits, cli_main
+from sr3_lightning.diffusion.schedule import make_betas
 from sr3_lightning.module import SR3Module
 from sr3_lightning.resume import changed_settings
 from tests.reference import REF
@@ -234,6 +235,16 @@ def test_command_line_shows_progress_lines_and_bad_input_without_traceback(tiny_
     bad = run_module(*fit_args(tmp_path / "nowhere", tmp_path / "b"), "--trainer.max_steps=1")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "error: " in bad.stderr and "nowhere" in bad.stderr
+
+
+def test_our_input_checks_exit_in_one_line_but_a_library_error_keeps_its_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_info, bad_input_exits():
+        make_betas("cosine-ish", 10, 1e-4, 2e-2)
+    assert exit_info.value.code == 2 and "unknown beta schedule 'cosine-ish'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="only one of size or scale_factor"), bad_input_exits():
+        torch.nn.functional.interpolate(torch.zeros(1, 1, 4, 4), size=(8, 8), scale_factor=2.0)
+    with pytest.raises(SystemExit), bad_input_exits():
+        Path("nowhere.ckpt").read_bytes()
 
 
 def test_resume_compares_what_settings_mean_not_how_they_are_written():
