@@ -41,7 +41,7 @@ def test_study_sweeps_are_accepted_by_fit_and_match_the_report(monkeypatch):
     configs = {}
     for name in STUDIES:
         sweep = load_sweep(f"sweeps/{name}.yaml")
-        configs[name] = check_parameters(sweep)  # every parameter value parses as a fit argument
+        configs[name] = check_parameters(sweep, inputs=False)  # parses; the studies' data is not here
         assert sweep.method == "grid" and sweep.fit_args[:2] == ["--config", "configs/finetune_anime.yaml"]
     steps = load_sweep("sweeps/steps.yaml")
     assert grid(steps) == [{"model.loss": "l1"}, {"model.loss": "l2"}]  # 2 trajectories, not 12 runs
@@ -84,15 +84,23 @@ def test_bad_sweeps_and_gpus_fail_before_any_run(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli_main(["sweep", str(path), "--backend", "wandb"])
     assert "--backend local" in capsys.readouterr().err
+    err = sweep_error(tmp_path, capsys, good.replace("[l1, l2]", "[l1, null]"))
+    assert "model.loss lists null" in err and 'write it as the string "null"' in err
+    nested = "  model: {values: [{t_min: 1, t_max: null}]}\n"
+    assert "holds a null" in sweep_error(
+        tmp_path, capsys, good.replace("  model.loss: {values: [l1, l2]}\n", nested)
+    )
     env_sweep = (REPO / "sweeps/smoke.yaml").read_text()
     monkeypatch.delenv("SR3_SHARDS", raising=False)
     assert "SR3_SHARDS is not set" in sweep_error(tmp_path, capsys, env_sweep)
 
 
-def test_check_runs_the_model_and_data_checks_on_every_combination(tmp_path, capsys, monkeypatch):
+def test_check_runs_the_model_and_data_checks_on_every_combination(
+    tiny_shards, tmp_path, capsys, monkeypatch
+):
     """Values the parser accepts but SR3Module / SR3DataModule reject stop --check, each failing run named."""
     monkeypatch.chdir(REPO)
-    monkeypatch.setenv("SR3_SHARDS", str(tmp_path))  # the check reads no shards
+    monkeypatch.setenv("SR3_SHARDS", str(tiny_shards))
     smoke = (REPO / "sweeps/smoke.yaml").read_text()
     objective = "  model.objective: {values: [diffusion, regression]}\n"
     # tiny_cpu.yaml has num_timesteps 100: t_max 5000 is rejected by the module, in both runs that use it
@@ -112,6 +120,25 @@ def test_check_runs_the_model_and_data_checks_on_every_combination(tmp_path, cap
     assert "rejects 2 of 8" in err and "t_min must not exceed t_max" in err
     assert "--model.loss=l1 --model.t_max=50 --model.t_min=80" in err
     cli_main(["sweep", "sweeps/smoke.yaml", "--check"])  # the good grid passes
+
+
+def test_check_names_missing_checkpoints_and_shards_once_each(tiny_shards, tmp_path, capsys, monkeypatch):
+    """Inputs every run reads first are looked up: a missing one is named with the runs it would stop."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("SR3_SHARDS", str(tmp_path / "no_shards"))
+    smoke = (REPO / "sweeps/smoke.yaml").read_text()
+    err = sweep_error(tmp_path, capsys, smoke)
+    missing = f"shard directory {tmp_path / 'no_shards'} (domain 'anime') does not exist"
+    assert "rejects 4 of 4" in err and err.count(missing) == 1
+    monkeypatch.setenv("SR3_SHARDS", str(tiny_shards))
+    init = '  model.init_from: {values: ["null", missing/I1_E1, missing/run.ckpt]}\n'
+    err = sweep_error(
+        tmp_path, capsys, smoke.replace("  model.objective: {values: [diffusion, regression]}\n", init)
+    )
+    assert "rejects 4 of 6" in err and "missing/I1_E1_gen.pth does not exist" in err
+    assert "init_from=missing/run.ckpt: the checkpoint does not exist" in err
+    sizes = smoke.replace("configs/sweep_smoke.yaml\n", "configs/sweep_smoke.yaml\n  - --data.lr_size=4\n")
+    assert "re-run make_shards with --lr 4" in sweep_error(tmp_path, capsys, sizes)
 
 
 def test_wandb_backend_starts_one_agent_per_gpu_with_its_device(tmp_path, monkeypatch):

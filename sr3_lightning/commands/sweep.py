@@ -6,7 +6,8 @@
     python -m sr3_lightning sweep sweeps/steps.yaml --check                       # validate only
 
 The sweep file and every parameter combination are checked against ``fit`` (its parser and the value checks
-of the model, data module and callbacks) before anything starts.
+of the model, data module and callbacks), and each run's checkpoint and shard indexes are looked up, before
+anything starts.
 """
 
 from __future__ import annotations
@@ -78,10 +79,15 @@ def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     sweep = load_sweep(args.sweep)
     devices = parse_gpus(args.gpus)
+    if args.backend == "wandb" and not args.check and not has_wandb_credentials():
+        raise ValueError(
+            "the wandb backend needs a W&B server login (`wandb login` or WANDB_API_KEY); "
+            "without a server, run the same sweep with --backend local"
+        )
     cfg = check_parameters(sweep)
     log.info(
         "%s: a valid %s sweep; fit, the model, the data module and the callbacks accept every parameter "
-        "combination (init_from and the shards are read when each run starts)",
+        "combination, and every run's init_from checkpoint and shard indexes are in place",
         sweep.path,
         sweep.method,
     )
@@ -93,11 +99,6 @@ def main(argv: list[str]) -> None:
         if any(r["state"] == "failed" for r in ended):
             raise SystemExit(1)
         return
-    if not has_wandb_credentials():
-        raise ValueError(
-            "the wandb backend needs a W&B server login (`wandb login` or WANDB_API_KEY); "
-            "without a server, run the same sweep with --backend local"
-        )
     project = args.project or cfg.tracking.project
     sweep_id = args.sweep_id or wandb_agents.create_sweep(sweep, project, args.entity)
     log.info("sweep %s: %s", sweep_id, wandb_agents.sweep_url(sweep_id, project, args.entity))

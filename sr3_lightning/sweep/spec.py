@@ -5,7 +5,8 @@ The W&B agent (and the local backend, which builds the command with the agent's 
 run's parameters into ``--key=value`` flags, so a parameter is accepted exactly when ``fit`` accepts
 ``--key=value`` and the model, data module and callbacks then accept the values. Before any run starts,
 every run's flags are parsed with the real LightningCLI parser and those classes are constructed from the
-result on the meta device (their own value checks run; no weights, no files, no training).
+result on the meta device (their own value checks run; no weights, no training). The files each run reads
+first are looked up too: its ``init_from`` checkpoint and its shards' ``index.json`` files.
 """
 
 from __future__ import annotations
@@ -66,7 +67,37 @@ def load_sweep(path: str | Path) -> Sweep:
     problems = sweeps.schema_violations_from_proposed_config(config)
     if problems:
         raise ValueError(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
+    _check_nulls(path, config.get("parameters", {}))
     return Sweep(path, config, _fit_args(path, config.get("command")))
+
+
+def _has_none(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_none(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_none(v) for v in value)
+    return value is None
+
+
+def _check_nulls(path: Path, parameters: dict[str, Any], prefix: str = "") -> None:
+    """The W&B agent writes a YAML null as ``--key=None``, which ``fit`` reads as the string "None" (or
+    refuses); the string "null" reaches it as ``--key=null``, a real null."""
+    for name, spec in parameters.items():
+        if not isinstance(spec, dict):
+            continue
+        if "parameters" in spec:
+            _check_nulls(path, spec["parameters"], f"{prefix}{name}.")
+        values = [spec["value"]] if "value" in spec else spec.get("values", [])
+        if not prefix and any(v is None for v in values):
+            raise ValueError(
+                f"{path}: parameter {prefix}{name} lists null, which the W&B agent passes as the string "
+                '"None"; write it as the string "null" (e.g. values: ["null", ...]) so fit reads null'
+            )
+        if any(_has_none(v) for v in values):
+            raise ValueError(
+                f"{path}: a value of parameter {prefix}{name} holds a null, which the W&B agent passes as "
+                "the string None; leave that key out (its default applies) or give it a value"
+            )
 
 
 def _fit_args(path: Path, command: Any) -> list[str]:
@@ -178,6 +209,38 @@ def check_values(cfg: Any) -> None:
         instantiate(cfg)
 
 
+def _input_problem(kind: str, *key: Any) -> str | None:
+    """Why a run could not open this input (a checkpoint's name, or a domain's shard index), if it cannot."""
+    from sr3_lightning.checkpoints import resolve_reference_pair
+    from sr3_lightning.data.shards import load_index
+
+    try:
+        if kind == "init_from" and Path(key[0]).suffix == ".ckpt":
+            if not Path(key[0]).is_file():
+                return f"init_from={key[0]}: the checkpoint does not exist"
+        elif kind == "init_from":
+            resolve_reference_pair(key[0])
+        else:
+            load_index(*key)
+    except (ValueError, FileNotFoundError) as err:
+        return str(err)
+    return None
+
+
+def input_problems(fit: Any, seen: dict[tuple, str | None]) -> list[str]:
+    """What keeps one run from opening its ``init_from`` and its train and val shards (index files only:
+    a sweep over many runs names each missing or mismatched input once, without decoding any image)."""
+    data = fit.data
+    inputs = [("init_from", fit.model.init_from)] if fit.model.init_from else []
+    for domain in [data.train, *(data.val or [])]:
+        if domain is not None:
+            inputs.append(("shards", domain.shards, domain.domain, data.lr_size, data.hr_size))
+    for key in inputs:
+        if key not in seen:
+            seen[key] = _input_problem(*key)
+    return [seen[key] for key in dict.fromkeys(inputs) if seen[key]]
+
+
 def combinations(sweep: Sweep) -> list[dict[str, Any]]:
     """The parameter sets to check: every run of a grid sweep (as the W&B engine proposes them, so
     pairs like t_min 80 with t_max 50 are seen); for random and bayes sweeps, whose runs are drawn later,
@@ -193,16 +256,17 @@ def combinations(sweep: Sweep) -> list[dict[str, Any]]:
     return [{name: values[i % len(values)] for name, values in candidates.items()} for i in range(rows)]
 
 
-def check_parameters(sweep: Sweep) -> Any:
+def check_parameters(sweep: Sweep, inputs: bool = True) -> Any:
     """Parse the sweep's fit command with every parameter combination and run the model's, data module's
-    and callbacks' own value checks on it, before any run; ValueError lists every rejected combination.
+    and callbacks' own value checks on it, before any run; with `inputs`, also look up the checkpoint and
+    shards each run reads first. ValueError lists every rejected combination.
 
     Returns the resolved fit config of the first combination (a jsonargparse Namespace).
     """
     base = expand_envvars(sweep.fit_args)
     combos = combinations(sweep) or [{}]
     rejected: dict[str, list[str]] = {}  # error -> the combinations' flags
-    first = None
+    first, seen = None, {}
     for params in combos:
         flags = parameter_flags(params)
         try:
@@ -212,12 +276,20 @@ def check_parameters(sweep: Sweep) -> Any:
             message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
             rejected.setdefault(message, []).append(" ".join(flags) or "(no parameters)")
             continue
+        missing = input_problems(cfg.fit, seen) if inputs else []
+        for message in missing:
+            rejected.setdefault(message, []).append(" ".join(flags) or "(no parameters)")
+        if missing:
+            continue
         first = first if first is not None else cfg.fit
     if rejected:
-        n = sum(len(f) for f in rejected.values())
-        problems = "; ".join(f"[{' | '.join(flags)}]: {message}" for message, flags in rejected.items())
+        n = len({run for runs in rejected.values() for run in runs})
+        problems = "; ".join(
+            f"[{'every run' if len(runs) == len(combos) > 1 else ' | '.join(runs)}]: {message}"
+            for message, runs in rejected.items()
+        )
         raise ValueError(
             f"{sweep.path}: `fit` rejects {n} of {len(combos)} parameter combination(s) of the sweep, "
-            f"so those runs would fail: {problems}. Fix or remove these values in `parameters`."
+            f"so those runs would fail: {problems}. Fix these values or inputs (`parameters` or the command)."
         )
     return first
