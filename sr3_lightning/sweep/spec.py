@@ -256,6 +256,17 @@ def combinations(sweep: Sweep) -> list[dict[str, Any]]:
     return [{name: values[i % len(values)] for name, values in candidates.items()} for i in range(rows)]
 
 
+def _run_problems(args: list[str], seen: dict[tuple, str | None] | None) -> tuple[Any, list[str]]:
+    """One run's parsed config and why it would fail at its start: the first error of the parser or a
+    constructor, else (with `seen`, the inputs looked up so far) its missing or mismatched inputs."""
+    try:
+        cfg = _parse(args)
+        check_values(cfg)
+    except Exception as err:  # any error of a constructor is a run that would fail at its start
+        return None, [str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"]
+    return cfg, input_problems(cfg.fit, seen) if seen is not None else []
+
+
 def check_parameters(sweep: Sweep, inputs: bool = True) -> Any:
     """Parse the sweep's fit command with every parameter combination and run the model's, data module's
     and callbacks' own value checks on it, before any run; with `inputs`, also look up the checkpoint and
@@ -269,27 +280,19 @@ def check_parameters(sweep: Sweep, inputs: bool = True) -> Any:
     first, seen = None, {}
     for params in combos:
         flags = parameter_flags(params)
-        try:
-            cfg = _parse([*base, *flags])
-            check_values(cfg)
-        except Exception as err:  # any error of a constructor is a run that would fail at its start
-            message = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        cfg, problems = _run_problems([*base, *flags], seen if inputs else None)
+        for message in problems:
             rejected.setdefault(message, []).append(" ".join(flags) or "(no parameters)")
-            continue
-        missing = input_problems(cfg.fit, seen) if inputs else []
-        for message in missing:
-            rejected.setdefault(message, []).append(" ".join(flags) or "(no parameters)")
-        if missing:
-            continue
-        first = first if first is not None else cfg.fit
+        if not problems and first is None:
+            first = cfg.fit
     if rejected:
         n = len({run for runs in rejected.values() for run in runs})
-        problems = "; ".join(
+        listed = "; ".join(
             f"[{'every run' if len(runs) == len(combos) > 1 else ' | '.join(runs)}]: {message}"
             for message, runs in rejected.items()
         )
         raise ValueError(
             f"{sweep.path}: `fit` rejects {n} of {len(combos)} parameter combination(s) of the sweep, "
-            f"so those runs would fail: {problems}. Fix these values or inputs (`parameters` or the command)."
+            f"so those runs would fail: {listed}. Fix these values or inputs (`parameters` or the command)."
         )
     return first
