@@ -83,6 +83,29 @@ def test_ddim_with_eta1_on_the_full_schedule_has_the_ddpm_variance():
     torch.testing.assert_close(sigma2.float(), sched.posterior_variance, rtol=1e-6, atol=0)
 
 
+def test_start_from_image_injects_its_steps_noise_and_an_oracle_denoiser_recovers_the_image():
+    """With the exact eps of a known x0, every chain returns x0; the first call sees the start step's noise
+    level and an x_t whose noise has unit variance (Diff-SR's injection, full and respaced chains)."""
+    x0 = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    calls = []
+
+    def oracle(x_t, sqrt_gamma):
+        g = sqrt_gamma.view(-1, 1, 1, 1)
+        eps = (x_t - g * x0) / (1 - g**2).sqrt()
+        calls.append((sqrt_gamma, eps))
+        return eps
+
+    for sched, t_start in ((tiny_schedule(), 60), (respace(tiny_schedule(), 10), 4)):
+        for sampler in ("ddpm", "ddim"):
+            calls.clear()
+            gen = torch.Generator().manual_seed(0)
+            out = sample_from_image(oracle, x0, sched, t_start, sampler=sampler, generator=gen)
+            assert out.nfe == len(calls) == t_start
+            torch.testing.assert_close(calls[0][0], sched.noise_level(t_start - 1, 2))
+            assert 0.95 < calls[0][1].std().item() < 1.05
+            torch.testing.assert_close(out.images, x0, atol=1e-4, rtol=0)
+
+
 def test_start_from_image_runs_t_start_steps_and_zero_returns_input():
     io = tiny_io()
     image = io["pmv_cond"]

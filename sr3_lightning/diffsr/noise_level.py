@@ -12,8 +12,9 @@ The two losses (their reasoning is in ``docs/diffsr.md``), per image, on outputs
   the share of the HR image's finest-scale detail energy the result lacks, ~1 - E(bicubic)/E(hr) at t = 0
   and shrinking with t as the chain synthesises detail.
 
-The trade-off ``J = L_fid + omega * L_sig`` (omega = 0.004 as the paper) is minimised inside the Perceptual
-Recoverable Field, the levels with ``L_sig <= tau_sig`` and ``L_fid <= tau_fid``.
+The trade-off ``J = L_fid + omega * L_sig`` (omega = 0.004: the paper's number, applied to our own losses,
+whose scales were chosen to suit it) is minimised inside the Perceptual Recoverable Field, the levels with
+``L_sig <= tau_sig`` and ``L_fid <= tau_fid``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import Tensor
 from sr3_lightning.diffusion import Schedule
 from sr3_lightning.metrics import consistency, to_uint8
 
-OMEGA = 0.004  # the paper's weight of the signature loss
+OMEGA = 0.004  # the paper's weight, on our L_sig's 0..255 MSE scale (docs/diffsr.md)
 TAU_SIGNATURE = 144.0  # MSE on 0..255: RMS 12 grey levels at the LR scale (LR consistency 26.5 dB)
 TAU_FIDELITY = 0.5  # at least half of the HR detail energy restored
 TABLE_FORMAT = "sr3-lightning-diffsr-prf"
