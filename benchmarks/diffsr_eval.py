@@ -61,15 +61,15 @@ def run(
 ) -> tuple[torch.Tensor, int, float]:
     """(images, network evaluations per image, seconds) of one method on a batch of bicubic upsamples."""
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    up = up.to(args.device)
+    up, eta = up.to(args.device), table.get("eta", 0.0)  # the sampler the table was calibrated with
     start = time.perf_counter()
     if kind == "bicubic":
         images, nfe = up, 0
     elif kind == "diffsr":
-        res = diffsr(model, up, level, sampler=table["sampler"], steps=table["steps"], generator=gen)
+        res = diffsr(model, up, level, sampler=table["sampler"], steps=table["steps"], eta=eta, generator=gen)
         images, nfe = res.images, res.nfe
     else:
-        res = model.super_resolve(up, table["sampler"], table["steps"], generator=gen)
+        res = model.super_resolve(up, table["sampler"], table["steps"], eta=eta, generator=gen)
         images, nfe = res.images, res.nfe
     return images.cpu(), nfe, time.perf_counter() - start
 
@@ -84,7 +84,7 @@ def evaluate(args) -> tuple[list[dict], dict[float, list[list[Image.Image]]]]:
     rows, sheets = [], {}
     for scale in parse_scales(args.scales):
         lr, up, effective = degrade(hr, scale)
-        choice = choose_level(table, scale)
+        choice = choose_level(table, effective)
         prf = f"PRF {choice.prf[0]:.2f}-{choice.prf[1]:.2f}" if choice.prf else "no PRF"
         native = abs(scale - args.native_scale) < 1e-6
         methods = {
@@ -125,7 +125,15 @@ def tiled(args) -> tuple[str, list[list[Image.Image]]]:
     level = choose_level(table, args.tiled_scale).level
     stats: dict[int, list[tuple[float, ...]]] = {size // 4: [], 0: []}
     sheet = []
-    for path in list_images(args.tiled_input)[: args.tiled_limit]:
+    files = list_images(args.tiled_input)[: args.tiled_limit]
+    for path in files:
+        with Image.open(path) as img:
+            if min(img.size) <= size:
+                raise ValueError(
+                    f"{path}: {img.size[0]}x{img.size[1]} px fits in one {size} px tile; --tiled-input "
+                    "needs images larger than the model on both sides"
+                )
+    for path in files:
         hr_img = to_rgb(Image.open(path))
         w, h = hr_img.size
         lr_img = hr_img.resize((round(w / args.tiled_scale), round(h / args.tiled_scale)), Image.BICUBIC)
@@ -139,6 +147,7 @@ def tiled(args) -> tuple[str, list[list[Image.Image]]]:
                 level,
                 sampler=table["sampler"],
                 steps=table["steps"],
+                eta=table.get("eta", 0.0),
                 overlap=overlap,
                 generator=gen,
             )

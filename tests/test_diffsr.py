@@ -25,7 +25,7 @@ from sr3_lightning.diffsr import (
     target_size,
     tiled_denoiser,
 )
-from sr3_lightning.diffsr.noise_level import TABLE_FORMAT
+from sr3_lightning.diffsr.noise_level import TABLE_FORMAT, load_prf_table
 from sr3_lightning.diffsr.tiling import seam_profile
 from sr3_lightning.diffusion import respace
 from sr3_lightning.images import to_tensor
@@ -108,6 +108,23 @@ def test_auto_interpolates_in_log_scale_and_says_when_there_is_no_prf():
     assert choose_level(table, 1.5).level == 0.2 and "outside" in choose_level(table, 1.5).note
 
 
+def test_auto_uses_the_scale_each_entry_was_calibrated_at_and_refuses_edited_tables(tmp_path):
+    table = _table((2.7, 0.25, (0.2, 0.3)), (4.0, 0.4, None))
+    table["scales"][0]["effective_scale"] = 32 / 12  # x2.7 of a 32 px model: 12 px LR
+    assert "calibrated" in choose_level(table, 32 / 12).note
+    assert "interpolated" in choose_level(table, 2.7).note
+    path = tmp_path / "prf.json"
+    for key, value, message in (
+        ("prf", [0.1], "prf=[0.1]"),
+        ("scale", "2", "scale='2'"),
+        ("level", 1.5, "level=1.5"),
+        ("effective_scale", None, "effective_scale=None"),
+    ):
+        path.write_text(json.dumps({**table, "scales": [{**table["scales"][0], key: value}]}))
+        with pytest.raises(ValueError, match=re.escape(f"scales[0] has {message}")):
+            load_prf_table(path)
+
+
 # ------------------------------------------------------------------------------------------- tiles
 def test_tile_grid_covers_with_overlap_and_merges_back_exactly():
     grid = TileGrid.plan(40, 70, tile=32, overlap=8)
@@ -159,7 +176,7 @@ def test_tiles_leave_no_seams_end_to_end(tiny_ckpt):
 
 
 # ---------------------------------------------------------------------------------------- commands
-def test_upscale_non_integer_scale_size_and_level_zero(tiny_ckpt, tmp_path):
+def test_upscale_non_integer_scale_size_and_level_zero(tiny_ckpt, tmp_path, caplog):
     src = tmp_path / "in"
     src.mkdir()
     smooth_image(13, 11, seed=1).save(src / "a.png")
@@ -173,11 +190,14 @@ def test_upscale_non_integer_scale_size_and_level_zero(tiny_ckpt, tmp_path):
     )
     record = json.loads((out / "upscale.json").read_text())["images"][0]
     assert record["t_start"] == 2  # 0.3 T = 30 -> nearest of the kept steps 1, 34, 67, 100: 34, the 2nd
+    assert record["noise_level_used"] == 0.34 and record["scale"] == 30 / 11  # 13x11 -> 35x30
     assert record["tiling"].startswith("2x1 tiles") and record["nfe"] == 2 * 2  # 35x30: padded to 35x32
     cli_main([*base, "--out", str(tmp_path / "zero"), "--size", "40x24", "--noise-level", "0"])
     for name in ("a", "b"):
         got = np.asarray(Image.open(tmp_path / "zero" / f"{name}_diffsr.png"))
         assert np.array_equal(got, np.asarray(bicubic_to(Image.open(src / f"{name}.png"), (40, 24))))
+    cli_main([*base, "--out", str(tmp_path / "far"), "--size", "40x24", "--noise-level", "0.15"])
+    assert "no step near noise level 0.150, so it started at level 0.010" in caplog.text  # kept: 1, 34, ...
 
 
 def test_unconditional_checkpoint_runs_without_conditioning(tmp_path):
@@ -312,7 +332,10 @@ def test_calibrate_on_a_corrupt_shard_names_its_own_fix(
 
 
 def test_target_size_rounds_each_side():
-    assert target_size((13, 11), scale=2.7) == ((35, 30), 2.7)
+    assert target_size((13, 11), scale=2.7) == ((35, 30), 30 / 11)  # the scale the pixels really have
+    assert target_size((1, 1), scale=2.5) == ((2, 2), 2.0)
+    with pytest.raises(ValueError, match=r"--scale 1.01 \(to 13x12\) does not enlarge the 13x12 input"):
+        target_size((13, 12), scale=1.01)
     with pytest.raises(ValueError, match="factor > 1"):
         target_size((13, 11), scale=math.nan)
     assert target_size((10, 20), size=(40, 40)) == ((40, 40), 4.0)

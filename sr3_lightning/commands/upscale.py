@@ -24,6 +24,7 @@ from sr3_lightning.diffsr.upscale import SAMPLERS, bicubic_to, check_scale, diff
 from sr3_lightning.images import check_output_names, check_readable, from_tensor, list_images, to_tensor
 
 log = logging.getLogger(__name__)
+LEVEL_TOLERANCE = 0.05  # a start level this far from the requested one is worth a warning
 
 
 def parser() -> ArgumentParser:
@@ -71,24 +72,22 @@ def check_args(args: Namespace) -> tuple[float | str, tuple[int, int] | None, di
     return level, size, table
 
 
-def warn_if_table_differs(table: dict, prf: Path, model, sampler: str, steps: int | None) -> None:
+def warn_if_table_differs(table: dict, prf: Path, model, sampler: str, steps: int | None, eta: float) -> None:
     size = model.sampling_unet.config.image_size
     if table.get("image_size") != size:
         log.warning(
             "%s was calibrated for a %s px model; this one is %d px", prf, table.get("image_size"), size
         )
-    if (table.get("sampler"), table.get("steps")) != (sampler, steps):
+    if (table.get("sampler"), table.get("steps"), table.get("eta", 0.0)) != (sampler, steps, eta):
         log.warning(
-            "%s was calibrated with --sampler %s --steps %s; levels are fractions of the chain and carry "
-            "over, but the PRF may shift a little",
-            prf,
-            table.get("sampler"),
-            table.get("steps"),
+            "%s was calibrated with --sampler %s --steps %s --eta %s; levels are fractions of the chain and "
+            "carry over, but the PRF may shift a little",
+            *(prf, table.get("sampler"), table.get("steps"), table.get("eta", 0.0)),
         )
 
 
 def check_targets(files: list[Path], scale: float | None, size: tuple[int, int] | None) -> None:
-    """A ``--size`` that does not enlarge some input fails now, not after the earlier outputs were made."""
+    """A target that does not enlarge some input fails now, not after the earlier outputs were made."""
     for path in files:
         with Image.open(path) as img:
             try:
@@ -106,7 +105,7 @@ def main(argv: list[str]) -> None:
     check_targets(files, args.scale, size)
     model = load_model(args.ckpt, args.device)
     if table is not None:
-        warn_if_table_differs(table, args.prf, model, args.sampler, args.steps)
+        warn_if_table_differs(table, args.prf, model, args.sampler, args.steps, args.eta)
     conditional = model.sampling_unet.config.in_channel == 6
     mode = "SR3, conditioned on the bicubic upsample" if conditional else "unconditional"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,6 +139,12 @@ def main(argv: list[str]) -> None:
             "%s: %dx%d -> %dx%d (x%.3g), %s, noise level %.3f (%s) = step %d, %d network evaluations",
             *(path.name, *img.size, *target, scale, result.tiling, level, note, result.t_start, result.nfe),
         )
+        if abs(result.level - level) > LEVEL_TOLERANCE:
+            log.warning(
+                "%s: the chain kept no step near noise level %.3f, so it started at level %.3f; "
+                "more --steps put a kept step closer",
+                *(path.name, level, result.level),
+            )
         records.append(
             {
                 "input": str(path),
@@ -149,6 +154,7 @@ def main(argv: list[str]) -> None:
                 "scale": scale,
                 "noise_level": level,
                 "level_note": note,
+                "noise_level_used": result.level,
                 "t_start": result.t_start,
                 "nfe": result.nfe,
                 "tiling": result.tiling,

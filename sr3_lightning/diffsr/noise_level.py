@@ -167,7 +167,35 @@ def load_prf_table(path: Path) -> dict:
         ok = False
     if not ok or not table["scales"]:
         raise ValueError(f"{path} is not a PRF table written by diffsr-calibrate; re-run diffsr-calibrate")
+    for i, entry in enumerate(table["scales"]):
+        problem = _entry_problem(entry)
+        if problem:
+            raise ValueError(
+                f"{path}: scales[{i}] {problem} (the table was edited?); re-run diffsr-calibrate"
+            )
     return table
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _entry_problem(entry: dict) -> str | None:
+    """What makes a table entry unusable by `choose_level`, if anything."""
+    for key in ("scale", "effective_scale"):
+        if key in entry and not (_is_number(entry[key]) and entry[key] > 1):
+            return f"has {key}={entry[key]!r}; a scale is a number > 1"
+    if not (_is_number(entry["level"]) and 0 <= entry["level"] <= 1):
+        return f"has level={entry['level']!r}; a level is a number in [0, 1]"
+    prf = entry["prf"]
+    if prf is not None and not (
+        isinstance(prf, list)
+        and len(prf) == 2
+        and all(_is_number(b) and 0 <= b <= 1 for b in prf)
+        and prf[0] <= prf[1]
+    ):
+        return f"has prf={prf!r}; a PRF is null or [low, high] levels in [0, 1]"
+    return None
 
 
 def _entry_choice(entry: dict, note: str) -> NoiseChoice:
@@ -179,11 +207,14 @@ def _entry_choice(entry: dict, note: str) -> NoiseChoice:
 
 def choose_level(table: dict, scale: float) -> NoiseChoice:
     """Interpolate the table for ``scale``, linearly in log(scale) between the two calibrated neighbours
-    (the paper's 2x ~ 20 %, 4x ~ 40 % is linear in log2 s); outside the calibrated range the nearest entry.
+    (the paper's 2x ~ 20 %, 4x ~ 40 % is linear in log2 s), each at the scale it was really calibrated at
+    (``effective_scale``); outside the calibrated range the nearest entry.
     The PRF's bounds are interpolated too, and only when both neighbours have one."""
     if not (math.isfinite(scale) and scale > 1.0):
         raise ValueError(f"scale {scale}: Diff-SR upscales, use a factor > 1")
-    entries = sorted(table["scales"], key=lambda e: e["scale"])
+    # the scale each entry was really calibrated at (LR sizes are whole pixels: x2.7 of 32 px is 32 / 12)
+    entries = [{**e, "scale": float(e.get("effective_scale", e["scale"]))} for e in table["scales"]]
+    entries.sort(key=lambda e: e["scale"])
     scales = [float(e["scale"]) for e in entries]
     for entry in entries:
         if math.isclose(entry["scale"], scale, rel_tol=1e-6):

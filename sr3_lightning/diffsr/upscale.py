@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from sr3_lightning.diffsr.noise_level import level_to_step
+from sr3_lightning.diffsr.noise_level import level_to_step, step_to_level
 from sr3_lightning.diffsr.tiling import TileGrid, pad_to_tile, tiled_denoiser
 from sr3_lightning.diffusion import respace, sample_from_image
 from sr3_lightning.module import SR3Module
@@ -27,12 +27,14 @@ SAMPLERS = ("ddpm", "ddim")
 
 @dataclass
 class DiffSRResult:
-    """Images ``[B, 3, H, W]``, the 1-based start step, network evaluations per image, and the tiling."""
+    """Images ``[B, 3, H, W]``, the 1-based start step, network evaluations per image, the tiling, and the
+    noise level the chain started at (the requested one moved to the nearest step the chain keeps)."""
 
     images: Tensor
     t_start: int
     nfe: int
     tiling: str
+    level: float
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -56,19 +58,23 @@ def target_size(
     input_size: tuple[int, int], scale: float | None = None, size: tuple[int, int] | None = None
 ) -> tuple[tuple[int, int], float]:
     """((W, H), effective scale) for an input of ``input_size`` (w, h): ``round(w * s), round(h * s)`` for a
-    scale, or the given size, whose effective scale is ``max(W / w, H / h)`` (the bicubic resize covers the
-    target, then is centre-cropped); exactly one of the two."""
+    scale, or the given size; exactly one of the two. The effective scale is ``max(W / w, H / h)`` either way
+    (the bicubic resize covers the target, then is centre-cropped): whole pixels make it differ from a
+    requested scale (x2.5 of 1 px is 2 px), and it is the scale the noise level must suit."""
     if (scale is None) == (size is None):
         raise ValueError("give exactly one of --scale S or --size WxH")
     w, h = input_size
     if scale is not None:
         scale = check_scale(scale)
-        return (max(1, round(w * scale)), max(1, round(h * scale))), scale
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
     effective = max(size[0] / w, size[1] / h)
     if effective <= 1.0:
-        raise ValueError(
-            f"--size {size[0]}x{size[1]} does not enlarge the {w}x{h} input; Diff-SR upscales (factor > 1)"
+        asked = (
+            f"--scale {scale:g} (to {size[0]}x{size[1]})"
+            if scale is not None
+            else f"--size {size[0]}x{size[1]}"
         )
+        raise ValueError(f"{asked} does not enlarge the {w}x{h} input; Diff-SR upscales (factor > 1)")
     return size, effective
 
 
@@ -154,4 +160,10 @@ def diffsr(
         )
     finally:
         unet.train(was_training)
-    return DiffSRResult(result.images[..., :height, :width], t_start, result.nfe * grid.count, tiling)
+    return DiffSRResult(
+        result.images[..., :height, :width],
+        t_start,
+        result.nfe * grid.count,
+        tiling,
+        step_to_level(t_start, schedule, train_steps),
+    )
