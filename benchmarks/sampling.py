@@ -154,7 +154,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--run-dir", type=Path, default=Path("runs/sampling_bench/run"), help="training run (--train)"
     )
-    ap.add_argument("--val", nargs="+", default=None, help="domain:SHARD_DIR ... (default: the demo's val)")
+    ap.add_argument(
+        "--val",
+        nargs="+",
+        default=None,
+        help="domain:SHARD_DIR ... (with --train: default the demo's val; with --ckpt: required)",
+    )
     ap.add_argument("--num-images", type=int, default=8, help="val images per domain")
     ap.add_argument("--ks", type=int, nargs="+", default=[25, 50, 100, 250], help="respaced chain lengths K")
     ap.add_argument(

@@ -120,7 +120,15 @@ class SR3CLI(LightningCLI):
                 cfg["ckpt_path"] = str(found)
         if cfg.get("ckpt_path"):
             step = check_resume_settings(cfg["ckpt_path"], dict(self.model.hparams))
-            log.warning("resuming from %s at step %d (pass --fresh to start anew)", cfg["ckpt_path"], step)
+            log.warning(
+                "resuming from %s at step %d (pass --fresh=true to start anew)", cfg["ckpt_path"], step
+            )
+            if 0 <= self.trainer.max_steps <= step:
+                log.warning(
+                    "the run is already at step %d and trainer.max_steps is %d: nothing left to train; "
+                    "raise --trainer.max_steps, or pass --fresh=true to start a new run",
+                    *(step, self.trainer.max_steps),
+                )
             trim_metrics_csv(self.trainer.default_root_dir, step)
 
 

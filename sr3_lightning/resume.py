@@ -37,7 +37,7 @@ def read_checkpoint_head(path: str | Path) -> tuple[int, dict[str, Any]]:
     if ckpt is None:
         raise ValueError(
             f"checkpoint {path} cannot be read ({problem}); it is truncated or not an sr3-lightning "
-            "checkpoint. Pick another file from checkpoints/, or start anew with --fresh."
+            "checkpoint. Pick another file from checkpoints/, or start anew with --fresh=true."
         )
     return int(ckpt["global_step"]), dict(ckpt.get("hyper_parameters") or {})
 
@@ -85,7 +85,7 @@ def check_resume_settings(path: str | Path, current: dict[str, Any]) -> int:
         raise ValueError(
             f"resuming {path} (step {step}) with other model settings than it was trained with: "
             + "; ".join(changes)
-            + ". A resumed run keeps its settings: drop these changes, or start a new run with --fresh "
+            + ". A resumed run keeps its settings: drop these changes, or start a new run with --fresh=true "
             "(moves the old one aside) or another --trainer.default_root_dir (model.init_from starts "
             "from these weights)."
         )

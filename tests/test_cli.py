@@ -30,7 +30,7 @@ def fit_args(shards: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_fit_l2_timestep_range_then_resume_to_twice_the_steps(tiny_shards, tmp_path):
+def test_fit_l2_timestep_range_then_resume_to_twice_the_steps(tiny_shards, tmp_path, caplog):
     args = fit_args(
         tiny_shards,
         tmp_path,
@@ -44,6 +44,8 @@ def test_fit_l2_timestep_range_then_resume_to_twice_the_steps(tiny_shards, tmp_p
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2
     position = torch.load(last, weights_only=False)["SR3DataModule"]
+    cli_main([*args[:-1], "--trainer.max_steps=2"])  # resumes on its own, at max_steps already: says so
+    assert "already at step 2 and trainer.max_steps is 2: nothing left to train" in caplog.text
     cli = cli_main([*args[:-1], "--trainer.max_steps=4", f"--ckpt_path={last}"])
     assert cli.trainer.global_step == 4
     resumed = torch.load(last, weights_only=False)
@@ -149,7 +151,7 @@ def test_import_reference_bad_file_is_one_paragraph_without_traceback(tmp_path):
     assert "broken_gen.pth could not be read" in proc.stderr
 
 
-def test_sample_super_resolves_a_folder_of_lr_images(tmp_path):
+def test_sample_super_resolves_a_folder_of_lr_images(tmp_path, caplog):
     ckpt = tmp_path / "tiny.ckpt"
     cli_main(["import-reference", "--gen", str(REF / "tiny_gen.pth"), "--out", str(ckpt)])
     inputs = tmp_path / "lr"
@@ -158,6 +160,7 @@ def test_sample_super_resolves_a_folder_of_lr_images(tmp_path):
 
     for i in range(3):
         Image.new("RGB", (8, 8), (40 * i, 100, 200)).save(inputs / f"face{i}.png")
+    Image.new("RGB", (48, 40)).save(inputs / "large.png")  # larger than the 32 px model: shrunk, and said
     out = tmp_path / "sr"
     cli_main(
         [
@@ -173,8 +176,16 @@ def test_sample_super_resolves_a_folder_of_lr_images(tmp_path):
             "--batch-size=2",
         ]
     )
-    assert sorted(p.name for p in out.glob("*_sr.png")) == ["face0_sr.png", "face1_sr.png", "face2_sr.png"]
+    assert sorted(p.name for p in out.glob("*_sr.png"))[:3] == [
+        "face0_sr.png",
+        "face1_sr.png",
+        "face2_sr.png",
+    ]
     assert Image.open(out / "face0_sr.png").size == (32, 32) and (out / "sheet.png").is_file()
+    assert (
+        "1 input(s) are larger than the model's 32 px and are shrunk to it, not super-resolved: large.png"
+        in (caplog.text)
+    )
 
 
 def test_resume_with_other_model_settings_is_refused_naming_them(tiny_shards, tmp_path):

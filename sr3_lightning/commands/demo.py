@@ -2,7 +2,7 @@
 
 Builds three small domains from real photographs that ship inside scikit-image (cut into crops), or
 from a folder you pass, shards them with ``dataset_tools.make_shards``, then runs
-``fit --config configs/demo.yaml``: a tiny SR3 trained for a few hundred steps with sample grids and
+``fit --config configs/demo.yaml``: a tiny SR3 trained for 1200 steps with sample grids and
 per-domain evaluation, W&B offline beside a CSV log.
 """
 

@@ -88,6 +88,21 @@ def prepare_input(img: Image.Image, hr_size: int, lr_size: int | None) -> tuple[
     return lr, resize_and_crop(lr, hr_size)
 
 
+def warn_if_larger(files: list[Path], hr_size: int) -> None:
+    """SR3 works at the model's size: an input larger than it is shrunk first, which the user should know."""
+    larger = []
+    for path in files:
+        with Image.open(path) as img:
+            if max(img.size) > hr_size:
+                larger.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
+    if larger:
+        log.warning(
+            "%d input(s) are larger than the model's %d px and are shrunk to it, not super-resolved: %s. "
+            "For LR inputs pass --lr-size; to enlarge large images use `upscale` (Diff-SR, tiles)",
+            *(len(larger), hr_size, ", ".join(larger[:5]) + (" ..." if len(larger) > 5 else "")),
+        )
+
+
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     check_args(args)
@@ -99,6 +114,8 @@ def main(argv: list[str]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     rows, nfe = [], 0
+    if args.lr_size is None:
+        warn_if_larger(files, hr_size)
     for start in tqdm(range(0, len(files), args.batch_size), desc="super-resolving", unit="batch"):
         batch = files[start : start + args.batch_size]
         pairs = [prepare_input(Image.open(f), hr_size, args.lr_size) for f in batch]
