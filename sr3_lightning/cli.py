@@ -56,6 +56,7 @@ class SR3CLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [FinalCheckpoint()]},
             auto_configure_optimizers=False,
+            parser_kwargs={"prog": "python -m sr3_lightning"},
             args=args,
             **kwargs,
         )

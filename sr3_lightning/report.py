@@ -275,7 +275,8 @@ def write_report(runs: list[Run], out: Path, skipped: list[str] | None = None) -
         for r in timed:
             steps = r.settings["max_steps"] or 0
             per_step = f"{r.seconds / steps:.3f}" if steps else "–"
-            lines.append(f"| {r.label} | {steps} | {r.seconds / 3600:.2f} | {per_step} |")
+            name = r.label + (" (regression)" if r.settings["objective"] == "regression" else "")
+            lines.append(f"| {name} | {steps} | {r.seconds / 3600:.2f} | {per_step} |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

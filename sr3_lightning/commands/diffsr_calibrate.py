@@ -63,7 +63,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--levels", type=str, default="0:1:0.05", help="grid START:STOP:STEP or a comma list")
     p.add_argument("--out", type=Path, required=True, help="the PRF table (JSON)")
     p.add_argument("--plots", type=Path | None, default=None, help="plot folder (default: beside --out)")
-    p.add_argument("--sampler", type=str, choices=list(SAMPLERS), default="ddpm")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm")
     p.add_argument("--steps", type=int | None, default=None, help="respaced steps K (default: all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--omega", type=float, default=OMEGA, help="weight of the signature loss in J")

@@ -31,7 +31,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--ckpt", type=Path, required=True, help="our checkpoint (.ckpt; see import-reference)")
     p.add_argument("--input", type=Path, required=True, help="an LR image or a folder of them")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--sampler", type=str, choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--steps", type=int | None, default=None, help="respaced steps K (default: all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument(

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def parser() -> ArgumentParser:
     p = ArgumentParser(prog="sr3-lightning sweep", description=__doc__)
     p.add_argument("sweep", type=Path, help="a W&B sweep YAML (sweeps/*.yaml)")
-    p.add_argument("--backend", type=str, choices=["wandb", "local"], default="wandb")
+    p.add_argument("--backend", choices=["wandb", "local"], default="wandb")
     p.add_argument(
         "--gpus",
         type=str | None,

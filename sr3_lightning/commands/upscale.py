@@ -38,7 +38,7 @@ def parser() -> ArgumentParser:
         "--noise-level", type=str, default="auto", help="'auto' (needs --prf) or a level in [0, 1]"
     )
     p.add_argument("--prf", type=Path | None, default=None, help="PRF table from diffsr-calibrate (for auto)")
-    p.add_argument("--sampler", type=str, choices=list(SAMPLERS), default="ddpm")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm")
     p.add_argument("--steps", type=int | None, default=None, help="respaced steps K (default: all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--tile-overlap", type=int | None, default=None, help="px (default: model size / 4)")
@@ -114,12 +114,10 @@ def main(argv: list[str]) -> None:
     for path in files:
         img = to_rgb(Image.open(path))
         target, scale = target_size(img.size, args.scale, size)
-        level, note = level_arg, "given"
+        level, note, no_prf = level_arg, "given", False
         if level_arg == "auto":
             choice = choose_level(table, scale)
-            level, note = choice.level, choice.note
-            if choice.prf is None:
-                log.warning("%s: no PRF for x%.3g, noise level %.3f (%s)", path.name, scale, level, note)
+            level, note, no_prf = choice.level, choice.note, choice.prf is None
         up = to_tensor(bicubic_to(img, target))[None].to(args.device)
         start = time.perf_counter()
         result = diffsr(
@@ -135,7 +133,8 @@ def main(argv: list[str]) -> None:
         seconds = time.perf_counter() - start
         out = args.out / f"{path.stem}_diffsr.png"
         from_tensor(result.images[0]).save(out)
-        log.info(
+        log.log(
+            logging.WARNING if no_prf else logging.INFO,  # the note says there is no PRF and what that means
             "%s: %dx%d -> %dx%d (x%.3g), %s, noise level %.3f (%s) = step %d, %d network evaluations",
             *(path.name, *img.size, *target, scale, result.tiling, level, note, result.t_start, result.nfe),
         )

@@ -388,6 +388,11 @@ class SR3DataModule(pl.LightningDataModule):
         """Continue the stream where the checkpoint left it (from the next ``train_dataloader`` on)."""
         self._start, self._batches = int(state_dict["samples_seen"]), 0
         self._loaded_state = dict(state_dict)
-        log.info(
-            "train stream resumes at pass %s, position %s", state_dict.get("pass"), state_dict.get("position")
-        )
+        if (
+            self.trainer is None or self.trainer.state.fn == "fit"
+        ):  # validate loads it too, and trains nothing
+            log.info(
+                "train stream resumes at pass %s, position %s",
+                state_dict.get("pass"),
+                state_dict.get("position"),
+            )
