@@ -176,23 +176,27 @@ def load_prf_table(path: Path) -> dict:
     return table
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+def _is_level(x: object) -> bool:
+    """A level as ``check_level`` defines it (bools, which Python counts as ints, are not)."""
+    try:
+        check_level(x)
+    except ValueError:
+        return False
+    return not isinstance(x, bool)
 
 
 def _entry_problem(entry: dict) -> str | None:
     """What makes a table entry unusable by `choose_level`, if anything."""
     for key in ("scale", "effective_scale"):
-        if key in entry and not (_is_number(entry[key]) and entry[key] > 1):
+        value = entry.get(key)
+        is_scale = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if key in entry and not (is_scale and value > 1):
             return f"has {key}={entry[key]!r}; a scale is a number > 1"
-    if not (_is_number(entry["level"]) and 0 <= entry["level"] <= 1):
+    if not _is_level(entry["level"]):
         return f"has level={entry['level']!r}; a level is a number in [0, 1]"
     prf = entry["prf"]
     if prf is not None and not (
-        isinstance(prf, list)
-        and len(prf) == 2
-        and all(_is_number(b) and 0 <= b <= 1 for b in prf)
-        and prf[0] <= prf[1]
+        isinstance(prf, list) and len(prf) == 2 and all(map(_is_level, prf)) and prf[0] <= prf[1]
     ):
         return f"has prf={prf!r}; a PRF is null or [low, high] levels in [0, 1]"
     return None
