@@ -96,6 +96,10 @@ class SR3CLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs):
+        """Read the data first: a missing or corrupt shard stops the command before a run directory,
+        W&B run or ``--fresh`` move is made for a run that cannot start."""
+        if self.subcommand in ("fit", "validate"):
+            self.datamodule.setup(self.subcommand)
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         run_dir = Path(trainer_cfg.get("default_root_dir") or "runs/default")
         prepare_run_dir(run_dir, fresh=self.subcommand == "fit" and bool(self._get(self.config, "fresh")))

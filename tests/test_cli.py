@@ -246,6 +246,7 @@ def test_command_line_shows_progress_lines_and_bad_input_without_traceback(tiny_
     bad = run_module(*fit_args(tmp_path / "nowhere", tmp_path / "b"), "--trainer.max_steps=1")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "error: " in bad.stderr and "nowhere" in bad.stderr
+    assert not (tmp_path / "b").exists()  # no run directory (nor W&B run) for a run that cannot start
 
 
 def test_our_input_checks_exit_in_one_line_but_a_library_error_keeps_its_traceback(capsys):
