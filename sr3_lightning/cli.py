@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from sr3_lightning.callbacks.final_checkpoint import FinalCheckpoint
+from sr3_lightning.callbacks.step_progress import StepProgressBar
 from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from sr3_lightning.data.datamodule import SR3DataModule
 from sr3_lightning.module import SR3Module
@@ -114,6 +116,8 @@ class SR3CLI(LightningCLI):
             kwargs["logger"] = make_loggers(tracking, log_dir)
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        if trainer_cfg.get("enable_progress_bar") is not False:
+            kwargs["callbacks"] = with_step_progress_bar(trainer_cfg.get("callbacks"))
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -135,6 +139,14 @@ class SR3CLI(LightningCLI):
                     *(step, self.trainer.max_steps),
                 )
             trim_metrics_csv(self.trainer.default_root_dir, step)
+
+
+def with_step_progress_bar(callbacks: Any) -> list:
+    """The configured callbacks, plus `StepProgressBar` unless the config brings its own bar."""
+    callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [c for c in [callbacks] if c]
+    if any(isinstance(c, ProgressBar) for c in callbacks):
+        return callbacks
+    return [*callbacks, StepProgressBar()]
 
 
 def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
@@ -178,10 +190,32 @@ def _commands() -> dict[str, Callable[[list[str]], None]]:
 
 
 def show_project_logs() -> None:
-    """Our INFO lines (resume, init_from, DomainEval, shards) on stderr; other libraries stay at WARNING."""
+    """Our INFO lines (resume, init_from, DomainEval, shards) on stderr; other libraries stay at WARNING,
+    without the lines that say nothing about the run (`quiet_library_noise`)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("sr3_lightning", "make_shards"):
         logging.getLogger(name).setLevel(logging.INFO)
+    quiet_library_noise()
+
+
+# Library output that is true of every run and says nothing about this one.
+NOISE_WARNINGS = (
+    r"Checkpoint directory .* exists and is not empty",  # the run directory is resumed on purpose
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's internals on newer torch
+)
+NOISE_LOG_PREFIXES = ("💡 Tip:",)  # Lightning's adverts for its cloud products
+
+
+def quiet_library_noise() -> None:
+    """Drop `NOISE_WARNINGS` and Lightning's product tips, so the lines a user sees are about the run."""
+    for message in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_not_a_tip)
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(NOISE_LOG_PREFIXES)
 
 
 def cli_main(args: ArgsType = None) -> SR3CLI | None:

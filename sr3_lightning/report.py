@@ -92,8 +92,12 @@ def _domain_table(title: str, found: Found, runs: list[Run]) -> Table:
     for run in runs:
         if run.settings["objective"] == "regression":
             step = max(run.evals)
-            rows.append(_metric_row(f"Regression ({run.label}, {step} steps)", run, step, columns))
+            rows.append(_metric_row(f"Regression ({run.label}, {_steps(step)})", run, step, columns))
     return Table(title, columns, rows, [label for label, run, _ in found if run is None])
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
 
 
 def _forgetting_table(runs: list[Run], used: set[int]) -> Table:
@@ -121,7 +125,7 @@ def _forgetting_table(runs: list[Run], used: set[int]) -> Table:
             keys = {m: f"val/{domain}/{m}" for m in metrics} | {
                 f"d_{m}": f"forget/{domain}/{m}" for m in metrics
             }
-            rows.append(Row(f"{domain}: after {step} steps", run, step, keys, _pick(run.evals[step], keys)))
+            rows.append(Row(f"{domain}: after {_steps(step)}", run, step, keys, _pick(run.evals[step], keys)))
     return Table(title, columns, rows, [label for label, run, _ in found if run is None])
 
 
@@ -146,7 +150,7 @@ def build_tables(runs: list[Run]) -> list[Table]:
     ]
     others = [r for r in runs if id(r) not in used and r.settings["objective"] != "regression"]
     found = [
-        (f"{r.label}, {s} steps", r if s in r.evals else None, s)
+        (f"{r.label}, {_steps(s)}", r if s in r.evals else None, s)
         for r in others
         for s in r.listed_steps or sorted(r.evals)[1:]
     ]

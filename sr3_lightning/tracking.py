@@ -60,6 +60,11 @@ class SafeWandbLogger(WandbLogger):
     """WandbLogger that never stops a run: a failed online start continues offline and a failed log call
     is reported once; the CSV log beside it stays complete."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:  # W&B warns that the setting is gone, even for None
+            del self._wandb_init["anonymous"]
+
     @property
     def experiment(self) -> Any:
         try:

@@ -46,8 +46,12 @@ def test_fit_l2_timestep_range_then_resume_to_twice_the_steps(tiny_shards, tmp_p
     position = torch.load(last, weights_only=False)["SR3DataModule"]
     cli_main([*args[:-1], "--trainer.max_steps=2"])  # resumes on its own, at max_steps already: says so
     assert "already at step 2 and trainer.max_steps is 2: nothing left to train" in caplog.text
-    cli = cli_main([*args[:-1], "--trainer.max_steps=4", f"--ckpt_path={last}"])
+    cli = cli_main(
+        [*args[:-1], "--trainer.max_steps=4", f"--ckpt_path={last}", "--trainer.enable_progress_bar=true"]
+    )
     assert cli.trainer.global_step == 4
+    bar = cli.trainer.progress_bar_callback.train_progress_bar
+    assert (bar.initial, bar.n, bar.total) == (2, 4, 4)  # the run's steps, not "2/?" after a resume
     resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == 4 and resumed["SR3DataModule"] != position
     rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
@@ -243,6 +247,7 @@ def test_command_line_shows_progress_lines_and_bad_input_without_traceback(tiny_
     assert ok.returncode == 0, ok.stderr
     assert f"initialised from reference {REF / 'tiny_gen.pth'}" in ok.stderr
     assert "args parameter" not in ok.stderr  # LightningCLI reads sys.argv itself
+    assert "Tip:" not in ok.stderr and "LeafSpec" not in ok.stderr  # library noise, not about the run
     bad = run_module(*fit_args(tmp_path / "nowhere", tmp_path / "b"), "--trainer.max_steps=1")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "error: " in bad.stderr and "nowhere" in bad.stderr

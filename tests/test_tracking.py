@@ -52,6 +52,7 @@ def test_wandb_logging_failures_never_stop_training(tmp_path, monkeypatch, caplo
     from sr3_lightning.tracking import SafeWandbLogger
 
     logger = SafeWandbLogger(project="p", save_dir=str(tmp_path), mode="offline")
+    assert "anonymous" not in logger._wandb_init  # W&B warns on every start that the setting is gone
     broken = type("Run", (), {"log": lambda self, *a, **k: (_ for _ in ()).throw(ConnectionError("down"))})()
     monkeypatch.setattr(SafeWandbLogger, "experiment", property(lambda self: broken))
     logger.log_metrics({"train/loss": 1.0}, step=3)
