@@ -270,8 +270,8 @@ def test_smoke_sweep_killed_after_first_run_resumes_each_grid_point_once_then_re
     for rec in records:
         run_dir, loss = Path(rec["run_dir"]), rec["params"]["model.loss"]
         if rec["params"]["model.objective"] == "diffusion":
-            for step in (1, 2):  # the DomainEval steps listed in configs/sweep_smoke.yaml
-                assert rows[(f"loss={loss}, {step} steps", "val/anime/psnr")]["run"] == str(run_dir)
+            for label in ("1 step", "2 steps"):  # the DomainEval steps listed in configs/sweep_smoke.yaml
+                assert rows[(f"loss={loss}, {label}", "val/anime/psnr")]["run"] == str(run_dir)
         else:
             assert rows[(f"Regression (loss={loss}, 2 steps)", "val/ffhq/ssim")]["run"] == str(run_dir)
         history = [h for h in read_history(run_dir / "wandb") if "val/anime/psnr" in h]  # W&B offline too
