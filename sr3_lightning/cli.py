@@ -20,7 +20,7 @@ from sr3_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from sr3_lightning.callbacks.step_progress import StepProgressBar
 from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from sr3_lightning.data.datamodule import SR3DataModule
-from sr3_lightning.module import SR3Module
+from sr3_lightning.module import SR3Module, restoring_from_checkpoint
 from sr3_lightning.resume import check_resume_settings, read_checkpoint_head
 from sr3_lightning.tracking import Tracking, make_loggers, trim_metrics_csv
 
@@ -51,6 +51,7 @@ class SR3CLI(LightningCLI):
     (``model.optimizer``), so no top-level ``--optimizer`` competes with it."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
+        self.restore_from: str | None = None  # the checkpoint fit resumes or validate evaluates
         super().__init__(
             SR3Module,
             SR3DataModule,
@@ -78,11 +79,44 @@ class SR3CLI(LightningCLI):
         for name in ("optimizer", "lr_scheduler"):
             if self.config[subcommand].get(name) is not None:
                 raise ValueError(f"--{name} is not used by sr3-lightning: set model.{name} instead")
-        ckpt_path = self.config[subcommand].get("ckpt_path")
+        cfg = self.config[subcommand]
+        ckpt_path = cfg.get("ckpt_path")
+        if subcommand == "validate" and not ckpt_path:
+            ckpt_path = cfg["ckpt_path"] = self._checkpoint_to_validate()
         if ckpt_path:
             read_checkpoint_head(ckpt_path)
+        elif subcommand == "fit" and not cfg.get("fresh"):
+            found = find_resume_checkpoint(cfg.trainer.get("default_root_dir") or "runs/default")
+            ckpt_path = str(found) if found else None
+        self.restore_from = ckpt_path
         if subcommand != "fit":
             super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        """A model whose weights a checkpoint replaces does not read its ``model.init_from`` first: that
+        file may be gone, or on another machine, by the time a run is resumed or validated."""
+        with restoring_from_checkpoint(self.restore_from is not None):
+            super().instantiate_classes()
+
+    def _checkpoint_to_validate(self) -> str | None:
+        """validate without --ckpt_path: the run directory's newest checkpoint, else the weights of
+        model.init_from. An untrained model is refused: its losses would pass for a result."""
+        cfg = self.config["validate"]
+        run_dir = Path(cfg.trainer.get("default_root_dir") or "runs/default")
+        found = find_resume_checkpoint(run_dir)
+        if found is not None:
+            log.warning(
+                "validating %s, the newest checkpoint of %s (--ckpt_path picks another)", found, run_dir
+            )
+            return str(found)
+        if cfg.model.get("init_from"):
+            return None  # the model loads them when it is built
+        raise ValueError(
+            f"validate has no weights to evaluate: {run_dir / 'checkpoints'} holds no checkpoint and "
+            "model.init_from is not set. Pass --ckpt_path=RUN/checkpoints/last.ckpt, point "
+            "--trainer.default_root_dir at a training run, or set --model.init_from to a reference "
+            "checkpoint."
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(Tracking, "tracking")
@@ -121,12 +155,10 @@ class SR3CLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        """Resume by default: a run directory that holds checkpoints continues from the newest good one."""
+        """Resume by default: a run directory that holds checkpoints continues from the newest good one
+        (found by `_parse_ckpt_path`)."""
         cfg = self.config_init[self.subcommand]
-        if cfg.get("ckpt_path") is None:
-            found = find_resume_checkpoint(self.trainer.default_root_dir)
-            if found is not None:
-                cfg["ckpt_path"] = str(found)
+        cfg["ckpt_path"] = self.restore_from
         if cfg.get("ckpt_path"):
             step = check_resume_settings(cfg["ckpt_path"], dict(self.model.hparams))
             log.warning(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -39,6 +42,20 @@ def step_seed(seed: int, step: int, rank: int, micro_batch: int = 0) -> int:
     """A distinct 63-bit seed per (seed, step, rank, micro-batch of a gradient-accumulation window): the
     training draws depend on these alone (distinct for steps < 2^27, ranks < 8191)."""
     return (seed * 1_000_003 + step * 8_191 + rank + micro_batch * 2**40) % (2**63 - 1)
+
+
+_RESTORING: contextvars.ContextVar[bool] = contextvars.ContextVar("sr3_restoring", default=False)
+
+
+@contextlib.contextmanager
+def restoring_from_checkpoint(restoring: bool = True) -> Iterator[None]:
+    """Build SR3Modules whose weights a checkpoint replaces next (a resume, validate, sample): their
+    ``init_from`` is recorded in hparams but not read."""
+    token = _RESTORING.set(restoring)
+    try:
+        yield
+    finally:
+        _RESTORING.reset(token)
 
 
 class SR3Module(LightningModule):
@@ -122,25 +139,10 @@ class SR3Module(LightningModule):
         if weight_init == "orthogonal":
             init_orthogonal(self.unet)
         self._init_optimizer_state: dict | None = None
-        if init_from:
-            init = load_init_weights(init_from, self.unet)
-            self._init_optimizer_state = init.optimizer_state if init_optimizer else None
-            log.info("initialised from %s", init.description)
-            if init.schedule_differs(self.schedule):
-                ours = {
-                    "kind": beta_schedule,
-                    "num_timesteps": num_timesteps,
-                    "start": beta_start,
-                    "end": beta_end,
-                }
-                log.warning(
-                    "%s was trained on the noise schedule %s; this run uses %s. SR3 conditions on the noise "
-                    "level, so this works, but if it is not intended set model.beta_schedule, "
-                    "model.num_timesteps, model.beta_start and model.beta_end to the checkpoint's.",
-                    init_from,
-                    init.schedule_spec,
-                    ours,
-                )
+        if init_from and _RESTORING.get():
+            log.info("init_from %s is not read: the checkpoint being restored holds the weights", init_from)
+        elif init_from:
+            self._initialise_from(init_from, init_optimizer)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False) if ema_decay else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -153,6 +155,31 @@ class SR3Module(LightningModule):
         self._params: tuple[list[Tensor], list[Tensor]] | None = None
 
     # ----------------------------------------------------------------------------------------- training
+    def _initialise_from(self, init_from: str, init_optimizer: bool) -> None:
+        """Start from another model's weights (and Adam state), warning when its noise schedule differs."""
+        init = load_init_weights(init_from, self.unet)
+        self._init_optimizer_state = init.optimizer_state if init_optimizer else None
+        log.info("initialised from %s", init.description)
+        if init.schedule_differs(self.schedule):
+            hp = self.hparams
+            ours = {"kind": hp.beta_schedule, "num_timesteps": hp.num_timesteps}
+            ours |= {"start": hp.beta_start, "end": hp.beta_end}
+            log.warning(
+                "%s was trained on the noise schedule %s; this run uses %s. SR3 conditions on the noise "
+                "level, so this works, but if it is not intended set model.beta_schedule, "
+                "model.num_timesteps, model.beta_start and model.beta_end to the checkpoint's.",
+                init_from,
+                init.schedule_spec,
+                ours,
+            )
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> SR3Module:
+        """A trained checkpoint on its own: the ``init_from`` it started from is named in its hparams but
+        not read (it may be on another machine, and its weights would be replaced at once)."""
+        with restoring_from_checkpoint():
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches  # global_step counts optimizer steps
         torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank, micro_batch))

@@ -31,7 +31,7 @@ def read_checkpoint_head(path: str | Path) -> tuple[int, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; pass a .ckpt from a run's checkpoints/ folder, or leave out "
-            "--ckpt_path to resume the run directory's newest checkpoint"
+            "--ckpt_path to use the run directory's newest checkpoint"
         )
     ckpt, problem = read_checkpoint(path)
     if ckpt is None:

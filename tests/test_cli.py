@@ -59,21 +59,20 @@ def test_fit_l2_timestep_range_then_resume_to_twice_the_steps(tiny_shards, tmp_p
     assert "val/anime/loss" in rows[0]
 
 
-def test_validate_reports_a_loss_per_domain(tiny_shards, tmp_path):
-    cli = cli_main(
-        [
-            "validate",
-            "--config",
-            CONFIG,
-            f"--data.train.shards={tiny_shards}",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--data.val=[{domain: anime, shards: "
-            + str(tiny_shards)
-            + "}, {domain: ffhq, shards: "
-            + str(tiny_shards)
-            + "}]",
-        ]
-    )
+def test_validate_reports_a_loss_per_domain_of_given_weights_only(tiny_shards, tmp_path):
+    args = [
+        "validate",
+        "--config",
+        CONFIG,
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.val=[{domain: anime, shards: " + str(tiny_shards) + "}, {domain: ffhq, shards: "
+        f"{tiny_shards}" + "}]",
+    ]
+    with pytest.raises(
+        ValueError, match="validate has no weights to evaluate: .* model.init_from is not set"
+    ):
+        cli_main(args)  # an untrained model's losses would pass for a result
+    cli = cli_main([*args, f"--model.init_from={REF / 'tiny'}"])  # e.g. the pretrained model before tuning
     metrics = cli.trainer.callback_metrics
     assert {"val/anime/loss", "val/ffhq/loss"} <= set(metrics)
 
@@ -131,6 +130,23 @@ def test_import_reference_then_init_from_takes_over_adam_state(tiny_shards, tmp_
         assert float(optimizer.state_dict()["state"][0]["step"]) == 3.0  # the reference's 2 steps + ours
         group = optimizer.param_groups[0]  # the moments are taken over, the config's settings kept
         assert (group["lr"], group["weight_decay"]) == (3e-5, 0.05)
+
+
+def test_a_trained_run_no_longer_needs_the_weights_it_started_from(tiny_shards, tmp_path):
+    init = tmp_path / "init"
+    for suffix in ("_gen.pth", "_opt.pth"):
+        (tmp_path / f"init{suffix}").write_bytes((REF / f"tiny{suffix}").read_bytes())
+    args = fit_args(tiny_shards, tmp_path / "run", f"--model.init_from={init}", "--trainer.max_steps=1")
+    cli_main(args)
+    for suffix in ("_gen.pth", "_opt.pth"):  # moved, or the run copied to a machine without them
+        (tmp_path / f"init{suffix}").unlink()
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert cli_main([*args[:-1], "--trainer.max_steps=2"]).trainer.global_step == 2  # resumes
+    cli = cli_main(["validate", *args[1:]])
+    assert cli.trainer.ckpt_path == str(last) and "val/anime/loss" in cli.trainer.callback_metrics
+    assert SR3Module.load_from_checkpoint(last).hparams.init_from == str(init)  # sample's load: named only
+    with pytest.raises(ValueError, match="init_from=.*init_gen.pth does not exist"):
+        cli_main([*args, "--fresh=true"])  # a new run starts from those weights: it still needs them
 
 
 def test_import_reference_bad_file_is_one_paragraph_without_traceback(tmp_path):
@@ -214,6 +230,8 @@ def test_validate_logs_beside_the_training_run_not_into_it(tiny_shards, tmp_path
     assert "val/anime/loss" in cli.trainer.callback_metrics
     assert {name: (tmp_path / name).read_text() for name in before} == before
     assert "val/anime/loss" in (tmp_path / "validate" / "metrics.csv").read_text()
+    cli = cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:]])  # no --ckpt_path: the run's newest
+    assert cli.trainer.ckpt_path == str(last)
     with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
         cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:], f"--ckpt_path={tmp_path}/missing.ckpt"])
     (tmp_path / "garbage.ckpt").write_bytes(bytes(range(256)) * 4)
