@@ -70,9 +70,11 @@ class SR3CLI(LightningCLI):
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
 
     def _parse_ckpt_path(self) -> None:
-        """validate builds the model from the checkpoint's settings; fit keeps the given ones, which
-        `before_fit` checks against the checkpoint's instead of silently replacing them. A missing or
-        unreadable file is named here, before Lightning's own load would fail with a traceback."""
+        """Pick the checkpoint to restore (`restore_from`): ``--ckpt_path``, else for fit the run
+        directory's newest (resume) and for validate `_checkpoint_to_validate`. validate builds the model
+        from the checkpoint's settings; fit keeps the given ones, which `before_fit` checks against the
+        checkpoint's instead of silently replacing them. A missing or unreadable file is named here,
+        before Lightning's own load would fail with a traceback."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
