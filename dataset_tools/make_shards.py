@@ -1,7 +1,7 @@
 """Turn an image collection into deterministic, verifiable tar shards for one domain.
 
     python -m dataset_tools.make_shards --src PATH --out DIR --domain NAME --lr 16 --hr 128 \
-        [--shard-size 1000] [--limit N] [--workers K]
+        [--shard-size 1000] [--limit N] [--workers K] [--keys stem|path]
 
 --src is a folder of images (recursive), a zip file, a folder prepared by the reference SR3
 ``prepare_data.py`` (``hr_{H}/ lr_{L}/ sr_{L}_{H}/``) or its LMDB. Each sample gets ``hr.png``, ``lr.png``,
@@ -16,20 +16,23 @@ import argparse
 import io
 import json
 import logging
-import multiprocessing
 import os
 import re
+import signal
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dataset_tools.sources import Item, Source, open_source
+from dataset_tools.sources import Item, Source, make_key, open_source
 from sr3_lightning.data.shards import FORMAT, IMAGE_MEMBERS, INDEX_NAME, file_sha256, shard_name
 
 log = logging.getLogger("make_shards")
@@ -40,9 +43,12 @@ _source: Source | None = None  # what each pool worker reads, set once per proce
 _domain = ""
 
 
-def _init_worker(source: Source, domain: str) -> None:
+def _init_worker(source: Source, domain: str, pool_worker: bool = False) -> None:
     global _source, _domain
     _source, _domain = source, domain
+    if pool_worker:  # Ctrl-C reaches the whole process group: the main process alone winds the run down
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler: the pool ends workers so
 
 
 def _png(img: Image.Image) -> bytes:
@@ -51,8 +57,9 @@ def _png(img: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _encode(item: Item) -> tuple[Item, dict[str, bytes] | None, str]:
-    """Load and encode one item in a worker: (item, {member: bytes}, '') or (item, None, error)."""
+def _encode(item: Item) -> tuple[Item, dict[str, bytes] | None, str, bool]:
+    """Load and encode one item in a worker: (item, {member: bytes}, '', rotated) or (item, None, error,
+    False); ``rotated``: the file has an EXIF orientation, which is not applied (as by the reference)."""
     assert _source is not None
     try:
         triplet = _source.load(item)
@@ -70,8 +77,8 @@ def _encode(item: Item) -> tuple[Item, dict[str, bytes] | None, str]:
             "json": json.dumps(meta, sort_keys=True).encode(),
         }
     except Exception as err:  # noqa: BLE001 - any failure to read one image skips that image, loudly
-        return item, None, f"{type(err).__name__}: {err}"
-    return item, payload, ""
+        return item, None, f"{type(err).__name__}: {err}", False
+    return item, payload, "", triplet.exif_rotated
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -108,6 +115,13 @@ class _ShardWriter:
         if len(self._keys) == self.shard_size:
             self.close()
 
+    def abort(self) -> None:
+        """Remove the shard being written: an interrupted run leaves only whole shards behind."""
+        if self._tar is not None:
+            self._tar.close()
+            self._partial.unlink(missing_ok=True)
+            self._tar = None
+
     def close(self) -> None:
         if self._tar is None:
             return
@@ -125,13 +139,27 @@ class _ShardWriter:
         self._tar, self._keys = None, []
 
 
-def _check_keys(items: Sequence[Item]) -> None:
+KeyKind = Literal["stem", "path"]
+
+
+def _keyed(items: list[Item], keys: KeyKind) -> list[Item]:
+    """``path`` keys name each image by its path under --src (``cat/0001.png`` -> ``cat_0001``), for
+    collections that number the images of every sub-folder alike."""
+    if keys == "stem":
+        return items
+    return [Item(make_key(PurePosixPath(i.source).with_suffix("").as_posix()), i.source) for i in items]
+
+
+def _check_keys(items: Sequence[Item], keys: KeyKind) -> None:
     counts = Counter(item.key for item in items)
     clashes = [item.source for item in items if counts[item.key] > 1]
     if clashes:
+        fix = (
+            "rename them" if keys == "path" else "pass --keys path (cat/0001.png -> cat_0001), or rename them"
+        )
         raise ValueError(
-            f"{len(clashes)} files share a key (the file stem), e.g. {clashes[:4]}; keys must be unique per "
-            "domain: rename them, or run make_shards on each sub-folder into its own --out"
+            f"{len(clashes)} files share a key (the file {keys}), e.g. {clashes[:4]}; keys must be unique "
+            f"per domain: {fix}"
         )
 
 
@@ -147,22 +175,50 @@ def _check_sizes(lr_size: int, hr_size: int) -> None:
         )
 
 
+class WorkerDied(RuntimeError):
+    """A pool worker was killed (most often for memory) while encoding images."""
+
+
 def _encoded(
     source: Source, domain: str, items: Sequence[Item], workers: int
-) -> Iterator[tuple[Item, dict | None, str]]:
-    """Encode items in input order; with workers > 1 in a process pool (imap keeps the order)."""
+) -> Iterator[tuple[Item, dict | None, str, bool]]:
+    """Encode items in input order; with workers > 1 in a process pool (``map`` keeps the order). A killed
+    worker stops the run with `WorkerDied` (a ``multiprocessing.Pool`` would wait for its task forever)."""
     if workers <= 1:
         _init_worker(source, domain)
         yield from map(_encode, items)
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(source, domain)) as pool:
-        yield from pool.imap(_encode, items, chunksize=8)
+    done = 0
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(source, domain, True))
+    try:
+        for result in pool.map(_encode, items, chunksize=8):
+            yield result
+            done += 1
+    except BrokenProcessPool:
+        raise WorkerDied(
+            f"a worker process died while encoding the images from {items[done].source} on (killed for "
+            "memory? a very large image can take GBs); no index.json was written. Run make_shards again "
+            "with fewer --workers."
+        ) from None
+    finally:  # stopped early (interrupt, error): drop the queued work instead of finishing it
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_out(out: Path, domain: str) -> None:
     """One directory per domain: never mix a domain's shards into another's index."""
-    if (out / INDEX_NAME).is_file():
-        previous = json.loads((out / INDEX_NAME).read_text()).get("domain")
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"--out {out} is a file; pass a directory (one per domain), e.g. {out.parent / domain}"
+        )
+    index = out / INDEX_NAME
+    if index.is_file():
+        try:
+            previous = json.loads(index.read_text())["domain"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(
+                f"{index} is not a shard index (damaged, or written by another tool); delete it to build "
+                f"domain '{domain}' in {out}, or choose another --out"
+            ) from None
         if previous != domain:
             raise ValueError(
                 f"--out {out} already holds domain '{previous}'; use one directory per domain, "
@@ -182,25 +238,40 @@ def _write_all(
     """Encode and write every item; unreadable images are logged and listed, not fatal."""
     writer = _ShardWriter(out, domain, shard_size)
     skipped: list[dict[str, str]] = []
+    rotated: list[str] = []
     with (
         logging_redirect_tqdm(),
         tqdm(total=len(items), unit="img", disable=not progress, desc=domain) as bar,
     ):
-        for item, payload, error in _encoded(source, domain, items, workers):
-            if payload is None:
-                log.warning("skipping unreadable image %s (%s)", item.source, error)
-                skipped.append({"source": item.source, "error": error.split(":")[0]})
-            else:
-                writer.add(item.key, payload)
-            bar.update()
+        try:
+            for item, payload, error, exif_rotated in _encoded(source, domain, items, workers):
+                if payload is None:
+                    log.warning("skipping unreadable image %s (%s)", item.source, error)
+                    skipped.append({"source": item.source, "error": error.split(":")[0]})
+                else:
+                    writer.add(item.key, payload)
+                rotated += [item.source] if exif_rotated else []
+                bar.update()
+        except BaseException:
+            writer.abort()
+            raise
     writer.close()
+    if rotated:
+        log.warning(
+            "%d image(s) carry an EXIF orientation, which is not applied (nor by the reference): they are "
+            "stored as their pixels lie, e.g. sideways; rotate them beforehand if they should be upright: %s",
+            len(rotated),
+            ", ".join(rotated[:10]) + (" ..." if len(rotated) > 10 else ""),
+        )
     return writer, skipped
 
 
 def _remove_stale(out: Path, domain: str, written: set[str]) -> None:
-    """Shards of an earlier, larger run of the same domain would otherwise sit beside the new index."""
-    for stale in sorted(out.glob(f"{domain}-*.tar")):
-        if stale.name not in written and re.fullmatch(rf"{re.escape(domain)}-\d{{6}}\.tar", stale.name):
+    """Shards of an earlier, larger (or killed) run of the same domain would otherwise sit beside the new
+    index."""
+    for stale in sorted(out.glob(f"{domain}-*.tar*")):
+        pattern = rf"{re.escape(domain)}-\d{{6}}\.tar(\.partial)?"
+        if stale.name not in written and re.fullmatch(pattern, stale.name):
             log.info("removing %s left over from an earlier, larger run", stale)
             stale.unlink()
 
@@ -215,6 +286,7 @@ def make_shards(
     limit: int | None = None,
     workers: int = 1,
     progress: bool = True,
+    keys: KeyKind = "stem",
 ) -> dict:
     """Write the shards and ``index.json`` for one domain into ``out``; return the index."""
     if not re.fullmatch(r"[\w-]+", domain):
@@ -223,10 +295,10 @@ def make_shards(
         raise ValueError(f"--shard-size {shard_size} / --limit {limit}: must be positive")
     _check_sizes(lr_size, hr_size)
     source = open_source(Path(src), lr_size, hr_size)
-    items = source.items()[:limit]
+    items = _keyed(source.items()[:limit], keys)
     if not items:
         raise ValueError(f"--src {src}: no images found ({source.kind}); expected PNG/JPEG files")
-    _check_keys(items)
+    _check_keys(items, keys)
     out = Path(out)
     _check_out(out, domain)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +322,9 @@ def make_shards(
         "skipped": skipped,
         "shards": writer.shards,
     }
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+    partial = out / (INDEX_NAME + ".partial")  # a kill while writing must not leave half an index
+    partial.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(partial, out / INDEX_NAME)
     _remove_stale(out, domain, {s["name"] for s in writer.shards})
     log.info(
         "%s: wrote %d samples in %d shards to %s in %.1f s (%.1f images/s)",
@@ -274,9 +348,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes (default: CPUs, max 8)"
     )
+    parser.add_argument(
+        "--keys",
+        choices=["stem", "path"],
+        default="stem",
+        help="sample key: the file stem (default), or the path under --src (cat/0001.png -> cat_0001) "
+        "when sub-folders repeat file names",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a killed job winds down as after Ctrl-C
     try:
         make_shards(
             args.src,
@@ -288,9 +370,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.limit,
             args.workers,
             progress=not args.no_progress,
+            keys=args.keys,
         )
     except (ValueError, FileNotFoundError, ImportError) as err:
         parser.exit(2, f"make_shards: error: {err}\n")
+    except WorkerDied as err:
+        parser.exit(1, f"make_shards: error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(
+            130,
+            "make_shards: interrupted before index.json was written; run the same command again to "
+            "build the shards.\n",
+        )
 
 
 if __name__ == "__main__":

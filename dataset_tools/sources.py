@@ -19,7 +19,9 @@ from PIL import Image
 
 from sr3_lightning.data.degradations import prepare_triplet, resize_and_crop, to_rgb
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+)
 
 
 def make_key(stem: str) -> str:
@@ -40,6 +42,7 @@ class Triplet:
     hr: Image.Image
     lr_up: Image.Image
     original_size: tuple[int, int] | None  # (width, height) of the source image; None if already prepared
+    exif_rotated: bool = False  # the file asks to be shown rotated or mirrored (EXIF orientation 2..8)
 
 
 class Source(Protocol):
@@ -57,9 +60,15 @@ def _decode(data: bytes | Path) -> Image.Image:
     return img
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def _prepare(img: Image.Image, lr_size: int, hr_size: int) -> Triplet:
+    """The reference's preprocessing, which takes the stored pixels as they are: EXIF orientation is not
+    applied (`Triplet.exif_rotated` says when that matters)."""
     lr, hr, lr_up = prepare_triplet(img, lr_size, hr_size)
-    return Triplet(lr, hr, lr_up, img.size)
+    rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
+    return Triplet(lr, hr, lr_up, img.size, rotated)
 
 
 def _is_hidden(parts: tuple[str, ...]) -> bool:

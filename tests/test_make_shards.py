@@ -251,3 +251,69 @@ def test_bad_sizes_are_refused_before_reading_images(
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and re.search(message, err), err
     assert "unreadable" not in caplog.text and not (tmp_path / "out").exists()
+
+
+def test_path_keys_tell_apart_sub_folders_that_repeat_names(tmp_path: Path) -> None:
+    write_images(tmp_path / "src" / "cat", 2)
+    write_images(tmp_path / "src" / "dog", 2)
+    with pytest.raises(ValueError, match="pass --keys path"):
+        make_shards(tmp_path / "src", tmp_path / "out", "pets", 8, 32, progress=False)
+    index = make_shards(tmp_path / "src", tmp_path / "out", "pets", 8, 32, progress=False, keys="path")
+    assert index["shards"][0]["keys"] == ["cat_img000", "cat_img001", "dog_img000", "dog_img001"]
+
+
+def run_with_patched_load(tmp_path: Path, patch: str, *extra: str) -> subprocess.CompletedProcess:
+    """make_shards on 6 images, one of whose loads is replaced by ``patch`` (a forked worker inherits it);
+    a timeout, not a hang, if the run never ends."""
+    write_images(tmp_path / "src", 6)
+    code = (
+        "import os, sys\nfrom dataset_tools import sources\nfrom dataset_tools.make_shards import main\n"
+        "load = sources.FolderSource.load\n"
+        "def patched(self, item):\n"
+        f"    if item.key == 'img003':\n        {patch}\n    return load(self, item)\n"
+        "sources.FolderSource.load = patched\nmain(sys.argv[1:])\n"
+    )
+    argv = ["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--domain", "demo", "--lr", "8"]
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv, "--hr", "32", "--shard-size", "2", "--no-progress", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_a_killed_worker_stops_the_run_with_the_image_it_was_on(tmp_path: Path) -> None:
+    result = run_with_patched_load(tmp_path, "os._exit(9)", "--workers", "2")
+    assert result.returncode == 1, result.stderr
+    assert "a worker process died while encoding the images from img00" in result.stderr
+    assert "fewer --workers" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "index.json").exists() and not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_an_interrupted_run_leaves_whole_shards_and_says_what_to_do(tmp_path: Path) -> None:
+    result = run_with_patched_load(tmp_path, "raise KeyboardInterrupt", "--workers", "1")
+    assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
+    assert "interrupted before index.json was written; run the same command again" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["demo-000000.tar"]  # no .partial
+
+
+def test_a_damaged_index_or_a_file_as_out_is_named(tmp_path: Path) -> None:
+    write_images(tmp_path / "src", 2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "index.json").write_text('{"dom')  # killed while written by another tool
+    with pytest.raises(ValueError, match=r"out/index.json is not a shard index .* delete it"):
+        make_shards(tmp_path / "src", tmp_path / "out", "demo", 8, 32, progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"--out .*file is a file; pass a directory"):
+        make_shards(tmp_path / "src", tmp_path / "file", "demo", 8, 32, progress=False)
+
+
+def test_exif_rotated_photos_are_stored_as_their_pixels_lie_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_images(tmp_path / "src", 2)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to show": a phone photo taken upright
+    Image.new("RGB", (60, 40), "red").save(tmp_path / "src" / "phone.jfif", format="JPEG", exif=exif)
+    index = make_shards(tmp_path / "src", tmp_path / "out", "demo", 8, 32, progress=False)
+    assert index["num_samples"] == 3  # .jfif is a JPEG
+    assert "1 image(s) carry an EXIF orientation, which is not applied (nor by the reference)" in caplog.text
+    assert "phone.jfif" in caplog.text
