@@ -37,7 +37,7 @@ from sr3_lightning.data.shards import FORMAT, IMAGE_MEMBERS, INDEX_NAME, file_sh
 
 log = logging.getLogger("make_shards")
 
-TOOL_VERSION = "1.0"  # bump whenever the bytes written for the same input change
+TOOL_VERSION = "1.1"  # bump whenever the bytes written for the same input change (1.1: .jfif, .jpe read)
 
 _source: Source | None = None  # what each pool worker reads, set once per process by _init_worker
 _domain = ""
