@@ -236,9 +236,37 @@ def test_index_that_does_not_match_the_shards(tiny_shards: Path) -> None:
     index["shards"][0]["num_samples"] -= 1
     index_path.write_text(json.dumps(index))
     with pytest.raises(
-        ShardError, match=r"anime-000000.tar: holds 10 samples but .*index.json lists 9; re-run"
+        ShardError, match=r"anime-000000.tar: holds 10 samples, .*index.json lists 9; the first that differs"
     ):
         _setup(tiny_shards)
+
+
+def edit_index(shards: Path, edit: Callable[[dict], None]) -> None:
+    """Edit the anime index by hand, keeping the shards and their sha256 as make_shards wrote them."""
+    index_path = shards / "anime" / "index.json"
+    index = json.loads(index_path.read_text())
+    edit(index)
+    index_path.write_text(json.dumps(index))
+
+
+def test_hand_edited_indexes_are_named_before_training(tiny_shards: Path) -> None:
+    def swap(index: dict) -> None:
+        keys = index["shards"][0]["keys"]
+        keys[0], keys[1] = keys[1], keys[0]
+
+    edit_index(tiny_shards, swap)
+    with pytest.raises(ShardError, match=r"the first that differs is 'anime_000' in the file, 'anime_001'"):
+        _setup(tiny_shards)
+    edit_index(tiny_shards, swap)
+    edit_index(tiny_shards, lambda index: index.update(lr_size=16, hr_size=64))
+    with pytest.raises(
+        ShardError, match=r"hr.png is 32x32 px but .*index.json says 64x64; the index was edited"
+    ):
+        _setup(tiny_shards, lr_size=16, hr_size=64)  # before: the first training batch blamed the file
+    edit_index(tiny_shards, lambda index: index.update(lr_size=8, hr_size=32))
+    edit_index(tiny_shards, lambda index: index["shards"][1]["keys"].__setitem__(0, "anime_000"))
+    with pytest.raises(ShardError, match=r"1 key\(s\) are listed more than once, e.g. 'anime_000'"):
+        _setup(tiny_shards, on_corrupt="skip")
 
 
 def test_shard_changed_after_make_shards(tiny_shards: Path) -> None:

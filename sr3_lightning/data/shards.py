@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ OnCorrupt = Literal["raise", "skip"]
 # Decoded pixels of a table this small stay in memory, per process: the study's 8..128 training images
 # (about 100 KB each at 16->128) are then decoded once instead of at every pass. Larger data streams.
 CACHE_BYTES = 256 * 2**20
+SHOWN_PROBLEMS = 10  # problems of an on_corrupt=skip run listed by name; the rest are counted
 
 _MAKE_SHARDS = "python -m dataset_tools.make_shards --src IMAGES --out {out} --domain {domain}"
 
@@ -101,6 +103,12 @@ class ShardIndex:
                     f"{path}: shard {shard.name} lists {len(shard.keys)} keys but num_samples "
                     f"{shard.num_samples}; the index was edited: re-run make_shards"
                 )
+        repeated = [key for key, n in Counter(index.keys).items() if n > 1]
+        if repeated:
+            raise ShardError(
+                f"{path}: {len(repeated)} key(s) are listed more than once, e.g. '{repeated[0]}'; the index "
+                "was edited or merged by hand: re-run make_shards"
+            )
         return index
 
 
@@ -238,9 +246,38 @@ def _shard_problems(
             f"{path}: sha256 {digest[:12]}... does not match {index.path} ({shard.sha256[:12]}...), "
             "the shard changed after make_shards"
         )
-    if list(members) != list(shard.keys):
-        problems.append(f"{path}: holds {len(members)} samples but {index.path} lists {shard.num_samples}")
+    held = list(members)
+    if held != list(shard.keys):
+        differ = next((h, k) for h, k in zip([*held, None], [*shard.keys, None]) if h != k)
+        problems.append(
+            f"{path}: holds {len(held)} samples, {index.path} lists {shard.num_samples}; the first that "
+            f"differs is '{differ[0]}' in the file, '{differ[1]}' in the index"
+        )
+    elif not problems and held:
+        problems += _size_problem(index, path, held[0], members[held[0]])
     return problems
+
+
+def _size_problem(index: ShardIndex, path: Path, key: str, where: dict[str, tuple[int, int]]) -> list[str]:
+    """A shard that is what make_shards wrote, under an index whose sizes were edited: one sample's PNG
+    headers (no decoding) tell, instead of the first training batch."""
+    with open(path, "rb") as f:
+        for member in IMAGE_MEMBERS:
+            if member not in where:
+                return [f"{path}: sample '{key}' has no {member}.png"]
+            f.seek(where[member][0])
+            try:
+                with Image.open(io.BytesIO(f.read(where[member][1]))) as img:
+                    size = img.size
+            except Exception as err:  # noqa: BLE001 - any decoder failure means this shard is unusable
+                return [f"{path}: sample '{key}' {member}.png cannot be read ({err})"]
+            expected = index.lr_size if member == "lr" else index.hr_size
+            if size != (expected, expected):
+                return [
+                    f"{path}: sample '{key}' {member}.png is {size[0]}x{size[1]} px but {index.path} says "
+                    f"{expected}x{expected}; the index was edited"
+                ]
+    return []
 
 
 def _undecodable(
@@ -298,12 +335,15 @@ def locate_samples(
                 found[key] = (len(shard_paths) - 1, members[key])
     kept = [k for k in keys if k in found]
     if problems:
+        shown = problems[:SHOWN_PROBLEMS] + [f"... and {len(problems) - SHOWN_PROBLEMS} more"] * (
+            len(problems) > SHOWN_PROBLEMS
+        )
         log.warning(
             "on_corrupt=skip: %d of %d samples of domain '%s' skipped:\n  %s",
             len(keys) - len(kept),
             len(keys),
             index.domain,
-            "\n  ".join(problems),
+            "\n  ".join(shown),
         )
     if not kept:
         raise ShardError(f"{index.directory}: none of the {len(keys)} requested samples is usable; {fix}")
