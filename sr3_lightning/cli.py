@@ -15,6 +15,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sr3_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from sr3_lightning.callbacks.step_progress import StepProgressBar
@@ -297,7 +298,20 @@ def _raised_by_project(err: BaseException) -> bool:
     return module.split(".")[0] in PROJECT_MODULES
 
 
+SIGTERM_EXIT = 128 + 15  # the shell's code for a process ended by SIGTERM
+
+
 def main() -> None:
-    """The command line; in-process callers of `cli_main` get fit's and validate's exceptions instead."""
-    with bad_input_exits():
-        cli_main()
+    """The command line; in-process callers of `cli_main` get fit's and validate's exceptions instead.
+
+    A run stopped by SIGTERM exits with 143, not Lightning's 0: a job scheduler or sweep must not take it
+    for a finished run (`FinalCheckpoint` has saved its last step)."""
+    try:
+        with bad_input_exits():
+            cli_main()
+    except SIGTERMException:
+        print(
+            "stopped by SIGTERM; the last finished step is saved: run the same command again to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(SIGTERM_EXIT) from None

@@ -3,11 +3,13 @@ alone (a CPU Trainer without logger, checkpoints, progress bar or summary) on th
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, IterableDataset
 
 from tests.reference import tiny_io
@@ -52,3 +54,14 @@ def fit_on_tiny_batch(model: LightningModule, root: Path, max_steps: int, **trai
     )
     trainer.fit(model, DataLoader(_Repeat(batch), batch_size=None))
     return trainer
+
+
+class SigtermAt(Callback):
+    """Sends this process SIGTERM during training step ``step``, as a scheduler preempting a job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: Trainer, *_: Any) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)

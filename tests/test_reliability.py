@@ -162,3 +162,20 @@ def test_a_time_budget_saves_the_step_it_stopped_at(tiny_shards, tmp_path):
     cli = cli_main(args_for(tiny_shards, tmp_path, 100_000, "--trainer.max_time=00:00:00:04"))
     assert 0 < cli.trainer.global_step < 100_000
     assert final_state(tmp_path)["global_step"] == cli.trainer.global_step
+
+
+def test_sigterm_saves_the_step_it_stopped_at_exits_143_and_resumes_exactly(tiny_shards, tmp_path):
+    """A preempted job (or a sweep run stopped by its parent) must not pass for a finished one."""
+    cli_main(args_for(tiny_shards, tmp_path / "straight", 12))
+    stopped = args_for(tiny_shards, tmp_path / "stopped", 12)
+    sigterm = "--trainer.callbacks+={class_path: tests.loop.SigtermAt, init_args: {step: 7}}"
+    cut = subprocess.run(
+        [sys.executable, "-m", "sr3_lightning", *stopped, sigterm], capture_output=True, text=True
+    )
+    assert cut.returncode == 128 + signal.SIGTERM, cut.stderr[-2000:]
+    assert "stopped by SIGTERM; the last finished step is saved" in cut.stderr
+    assert final_state(tmp_path / "stopped")["global_step"] == 7  # not the periodic save at 5
+    assert cli_main(stopped).trainer.global_step == 12
+    assert_same_training_state(final_state(tmp_path / "straight"), final_state(tmp_path / "stopped"))
+    straight, resumed = ((tmp_path / d / "metrics.csv").read_text() for d in ("straight", "stopped"))
+    assert resumed == straight  # every row once, at its step
