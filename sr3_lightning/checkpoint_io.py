@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         log.info("saved checkpoint %s in %.2f s", path, time.perf_counter() - start)
 
 
-def _step_of(path: Path) -> int:
-    match = re.search(r"step=(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
 def read_checkpoint(path: Path) -> tuple[dict | None, str | None]:
     """(checkpoint, None) for a complete Lightning checkpoint (memory-mapped), else (None, why not)."""
     try:
@@ -65,26 +59,24 @@ def read_checkpoint(path: Path) -> tuple[dict | None, str | None]:
     return ckpt, None
 
 
-def is_loadable(path: Path) -> str | None:
-    """None when ``path`` is a complete Lightning checkpoint, else why it is not."""
-    return read_checkpoint(path)[1]
-
-
 def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest loadable checkpoint in ``run_dir/checkpoints`` (``last.ckpt`` first, then by step).
+    """The loadable checkpoint in ``run_dir/checkpoints`` with the highest step (``last*.ckpt`` on a tie).
 
-    Corrupt or truncated files are reported by name and skipped, so a crash while writing costs at most
-    the steps since the previous checkpoint.
+    By the step saved inside, not by name: in a run directory that was moved or renamed, Lightning writes
+    ``last-v1.ckpt`` beside the old ``last.ckpt``, which then holds an earlier step. Corrupt or truncated
+    files are reported by name and skipped, so a crash while writing costs at most the steps since the
+    previous checkpoint.
     """
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return None
-    candidates = sorted(
-        folder.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", _step_of(p), p.stat().st_mtime)
-    )
-    for path in reversed(candidates):
-        problem = is_loadable(path)
-        if problem is None:
-            return path
-        log.warning("checkpoint %s is corrupt (%s); falling back to the previous one", path, problem)
-    return None
+    best: tuple[tuple[int, bool, float], Path] | None = None
+    for path in sorted(folder.glob("*.ckpt")):
+        ckpt, problem = read_checkpoint(path)  # memory-mapped: the weights are not read
+        if ckpt is None:
+            log.warning("checkpoint %s is corrupt (%s); skipped, the run resumes from another", path, problem)
+            continue
+        rank = (int(ckpt["global_step"]), path.name.startswith("last"), path.stat().st_mtime)
+        if best is None or rank > best[0]:
+            best = (rank, path)
+    return best[1] if best else None

@@ -179,3 +179,18 @@ def test_sigterm_saves_the_step_it_stopped_at_exits_143_and_resumes_exactly(tiny
     assert_same_training_state(final_state(tmp_path / "straight"), final_state(tmp_path / "stopped"))
     straight, resumed = ((tmp_path / d / "metrics.csv").read_text() for d in ("straight", "stopped"))
     assert resumed == straight  # every row once, at its step
+
+
+def test_a_moved_run_directory_resumes_from_its_highest_step(tiny_shards, tmp_path):
+    """Lightning writes last-v1.ckpt in a moved run directory; the old last.ckpt must not win by name."""
+    cli_main(args_for(tiny_shards, tmp_path / "before", 5))
+    (tmp_path / "before").rename(tmp_path / "after")
+    cli_main(args_for(tiny_shards, tmp_path / "after", 7))
+    found = find_resume_checkpoint(tmp_path / "after")
+    assert torch.load(found, weights_only=False)["global_step"] == 7, sorted(found.parent.iterdir())
+    assert cli_main(args_for(tiny_shards, tmp_path / "after", 9)).trainer.global_step == 9
+    cli_main(args_for(tiny_shards, tmp_path / "straight", 9))
+    last = max((tmp_path / "after" / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert_same_training_state(
+        final_state(tmp_path / "straight"), torch.load(last, map_location="cpu", weights_only=False)
+    )
