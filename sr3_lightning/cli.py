@@ -23,7 +23,12 @@ from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoi
 from sr3_lightning.data.datamodule import SR3DataModule
 from sr3_lightning.module import SR3Module, restoring_from_checkpoint
 from sr3_lightning.resume import check_resume_settings, read_checkpoint_head
-from sr3_lightning.tracking import Tracking, make_loggers, trim_metrics_csv
+from sr3_lightning.tracking import (
+    Tracking,
+    make_loggers,
+    set_aside_logs_without_checkpoint,
+    trim_metrics_csv,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +147,8 @@ class SR3CLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         run_dir = Path(trainer_cfg.get("default_root_dir") or "runs/default")
         prepare_run_dir(run_dir, fresh=self.subcommand == "fit" and bool(self._get(self.config, "fresh")))
+        if self.subcommand == "fit" and self.restore_from is None:
+            set_aside_logs_without_checkpoint(run_dir)
         if trainer_cfg.get("logger") in (None, True):
             tracking = self._get(self.config_init, "tracking")
             if isinstance(tracking, Namespace):

@@ -12,6 +12,7 @@ import netrc
 import os
 import secrets
 import string
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -147,6 +148,20 @@ def trim_metrics_csv(run_dir: str | Path, last_step: int) -> None:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
+
+
+@rank_zero_only
+def set_aside_logs_without_checkpoint(run_dir: Path) -> None:
+    """A fit that finds no checkpoint starts over: the rows of an earlier start that saved none are moved
+    to ``metrics.<time>.csv`` (not appended to, which would log those steps twice) and its W&B run id is
+    dropped, so the new start is a W&B run of its own."""
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        aside = metrics.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.csv")
+        metrics.rename(aside)
+        log.warning("%s has no checkpoint to resume: its earlier metrics.csv is moved to %s", run_dir, aside)
+    if not os.environ.get("WANDB_RUN_ID"):
+        (run_dir / "wandb_run_id.txt").unlink(missing_ok=True)
 
 
 def wandb_run_id(run_dir: Path) -> str:

@@ -1,7 +1,9 @@
 """A run survives being killed at any moment, and bad situations stop it with a clear message."""
 
+import csv
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,3 +196,15 @@ def test_a_moved_run_directory_resumes_from_its_highest_step(tiny_shards, tmp_pa
     assert_same_training_state(
         final_state(tmp_path / "straight"), torch.load(last, map_location="cpu", weights_only=False)
     )
+
+
+def test_a_start_that_left_no_checkpoint_is_set_aside_not_appended_to(tiny_shards, tmp_path):
+    cli_main(args_for(tiny_shards, tmp_path, 3))
+    shutil.rmtree(tmp_path / "checkpoints")  # killed before its first save
+    (tmp_path / "wandb_run_id.txt").write_text("abcd1234\n")
+    cli_main(args_for(tiny_shards, tmp_path, 3))
+    rows = csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines())
+    steps = [int(r["step"]) for r in rows if r["train/loss"]]
+    assert steps == [0, 1, 2]  # not 0, 1, 2, 0, 1, 2
+    (aside,) = tmp_path.glob("metrics.*.csv")  # nothing lost: the earlier rows are kept beside
+    assert "train/loss" in aside.read_text() and not (tmp_path / "wandb_run_id.txt").exists()
