@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sr3_lightning.callbacks.domain_eval import DomainEval
 from sr3_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from sr3_lightning.callbacks.step_progress import StepProgressBar
 from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
@@ -140,11 +141,16 @@ class SR3CLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs):
-        """Read the data first: a missing or corrupt shard stops the command before a run directory,
-        W&B run or ``--fresh`` move is made for a run that cannot start."""
+        """Read the data first: a missing or corrupt shard (or the LPIPS weights `DomainEval` needs) stops
+        the command before a run directory, W&B run or ``--fresh`` move is made for a run that cannot
+        start."""
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
         if self.subcommand in ("fit", "validate"):
             self.datamodule.setup(self.subcommand)
-        trainer_cfg = self._get(self.config_init, "trainer", default={})
+            callbacks = trainer_cfg.get("callbacks") or []
+            for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+                if isinstance(callback, DomainEval):
+                    callback.check_inputs()
         run_dir = Path(trainer_cfg.get("default_root_dir") or "runs/default")
         prepare_run_dir(run_dir, fresh=self.subcommand == "fit" and bool(self._get(self.config, "fresh")))
         if self.subcommand == "fit" and self.restore_from is None:
@@ -287,13 +293,24 @@ def bad_input_exits() -> Iterator[None]:
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
-        if not isinstance(err, FileNotFoundError) and not _raised_by_project(err):
+        bad_input = _bad_input(err)
+        if bad_input is None:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {bad_input}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 PROJECT_MODULES = ("sr3_lightning", "dataset_tools")
+
+
+def _bad_input(err: BaseException | None) -> BaseException | None:
+    """`err`, or the error it was raised from (jsonargparse re-raises a config class's own check as "does
+    not validate against any of the Union subtypes"), when it is a missing file or one of our checks."""
+    while err is not None:
+        if isinstance(err, FileNotFoundError) or (isinstance(err, ValueError) and _raised_by_project(err)):
+            return err
+        err = err.__cause__
+    return None
 
 
 def _raised_by_project(err: BaseException) -> bool:

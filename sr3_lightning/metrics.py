@@ -112,8 +112,20 @@ def consistency(sr: Tensor, lr: Tensor) -> Tensor:
     return psnr(to_uint8(down), to_uint8(lr))
 
 
-class LpipsWeightsMissing(RuntimeError):
+class LpipsWeightsMissing(FileNotFoundError):
     """The AlexNet backbone file LPIPS needs is not in the torch hub cache (and we never download it)."""
+
+
+def check_lpips_weights() -> str:
+    """The AlexNet file's path, or `LpipsWeightsMissing` naming it and the two ways out."""
+    path = alexnet_weights_path()
+    if not os.path.isfile(path):
+        raise LpipsWeightsMissing(
+            f"LPIPS needs the AlexNet weights at {path}, which does not exist (nothing is downloaded). "
+            f"Either place the file there (download {ALEXNET_URL}; the directory follows TORCH_HOME), "
+            "or turn LPIPS off with `lpips: false` in the evaluation config."
+        )
+    return path
 
 
 def alexnet_weights_path() -> str:
@@ -155,13 +167,7 @@ def build_lpips(
     `pretrained_backbone=False` keeps a random backbone: for tests only; its numbers are not LPIPS and must
     never be logged as `lpips`.
     """
-    path = alexnet_weights_path()
-    if pretrained_backbone and not os.path.isfile(path):
-        raise LpipsWeightsMissing(
-            f"LPIPS needs the AlexNet weights at {path}, which does not exist (nothing is downloaded). "
-            f"Either place the file there (download {ALEXNET_URL}; the directory follows TORCH_HOME), "
-            "or turn LPIPS off with `lpips: false` in the evaluation config."
-        )
+    path = check_lpips_weights() if pretrained_backbone else ""
     with warnings.catch_warnings():
         # lpips calls tv.alexnet(pretrained=False); torchvision warns that the argument is deprecated.
         warnings.filterwarnings("ignore", message=".*deprecated since 0.13.*", category=UserWarning)

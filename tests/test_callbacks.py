@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from sr3_lightning.callbacks import DomainEval, SampleGrid
 from sr3_lightning.data import SR3DataModule, TrainDomain, ValDomain
 from sr3_lightning.metrics import LpipsWeightsMissing, consistency, psnr, ssim, to_uint8
 from sr3_lightning.module import SR3Module
+from tests.loop import tiny_fit_args
 from tests.reference import TINY as TINY_UNET
 
 VAL_DOMAINS = ("anime", "ffhq")
@@ -184,10 +187,13 @@ def test_missing_lpips_weights_stop_before_training(
     tmp_path: Path, tiny_shards: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    module = make_module()
     with pytest.raises(LpipsWeightsMissing, match=r"alexnet-owt-7be5be79\.pth.*`lpips: false`"):
-        fit(tmp_path, [DomainEval(lpips=True, **FAST)], tiny_shards, module)
-    assert module.global_step == 0
+        DomainEval(lpips=True, **FAST).check_inputs()  # fit calls it before it makes the run directory
+    domain_eval = "--trainer.callbacks+=sr3_lightning.callbacks.DomainEval"
+    args = tiny_fit_args(tiny_shards, tmp_path / "run", 2, domain_eval)
+    run = subprocess.run([sys.executable, "-m", "sr3_lightning", *args], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "error: LPIPS needs the AlexNet weights at" in run.stderr and not (tmp_path / "run").exists()
 
 
 def test_val_loaders_without_datamodule(tmp_path: Path, tiny_shards: Path) -> None:

@@ -139,6 +139,11 @@ def test_check_names_missing_checkpoints_and_shards_once_each(tiny_shards, tmp_p
     assert "init_from=missing/run.ckpt: the checkpoint does not exist" in err
     sizes = smoke.replace("configs/sweep_smoke.yaml\n", "configs/sweep_smoke.yaml\n  - --data.lr_size=4\n")
     assert "re-run make_shards with --lr 4" in sweep_error(tmp_path, capsys, sizes)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    lpips = smoke.replace(
+        "configs/sweep_smoke.yaml\n", "configs/sweep_smoke.yaml\n  - --trainer.callbacks.lpips=true\n"
+    )
+    assert "[every run]: LPIPS needs the AlexNet weights at" in sweep_error(tmp_path, capsys, lpips)
 
 
 def test_wandb_backend_starts_one_agent_per_gpu_with_its_device(tmp_path, monkeypatch):

@@ -19,7 +19,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sr3_lightning.callbacks.sample_grid import log_wandb_image, run_dir, to_png, val_domains
-from sr3_lightning.metrics import build_lpips, consistency, lpips_distance, psnr, ssim, to_uint8
+from sr3_lightning.metrics import (
+    build_lpips,
+    check_lpips_weights,
+    consistency,
+    lpips_distance,
+    psnr,
+    ssim,
+    to_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +82,7 @@ class DomainEval(Callback):
             eta: DDIM noise scale (0 = deterministic); ignored by ``ddpm``.
             seed: seed of the sampling noise, reused at every evaluation so steps differ only by the weights.
             lpips: compute LPIPS (AlexNet). Needs the torchvision AlexNet file in the torch hub cache; without
-                it training stops at setup with a message naming the file (place it, or set ``lpips: false``).
+                it ``fit`` stops before it starts, naming the file (place it, or set ``lpips: false``).
             lpips_backbone: ``random`` is for tests only: LPIPS with an untrained AlexNet, needing no file.
                 Its numbers are not LPIPS and are logged as ``lpips_random``, never as ``lpips``.
             diversity_samples: n >= 2 draws n samples per image (seeds ``seed .. seed+n-1``; the first is the
@@ -111,6 +119,11 @@ class DomainEval(Callback):
         self.evaluated_steps: set[int] = set()
         self._lpips_model: torch.nn.Module | None = None
         self._run_dir: Path | None = None
+
+    def check_inputs(self) -> None:
+        """The files evaluation will need, looked up before a run starts: the LPIPS AlexNet weights."""
+        if self.lpips and self.lpips_backbone == "pretrained":
+            check_lpips_weights()
 
     @property
     def state_key(self) -> str:

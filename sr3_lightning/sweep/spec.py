@@ -213,9 +213,12 @@ def _input_problem(kind: str, *key: Any) -> str | None:
     """Why a run could not open this input (a checkpoint's name, or a domain's shard index), if it cannot."""
     from sr3_lightning.checkpoints import resolve_reference_pair
     from sr3_lightning.data.shards import load_index
+    from sr3_lightning.metrics import check_lpips_weights
 
     try:
-        if kind == "init_from" and Path(key[0]).suffix == ".ckpt":
+        if kind == "lpips":
+            check_lpips_weights()
+        elif kind == "init_from" and Path(key[0]).suffix == ".ckpt":
             if not Path(key[0]).is_file():
                 return f"init_from={key[0]}: the checkpoint does not exist"
         elif kind == "init_from":
@@ -227,11 +230,22 @@ def _input_problem(kind: str, *key: Any) -> str | None:
     return None
 
 
+def _needs_lpips_weights(callback: Any) -> bool:
+    """A DomainEval config with LPIPS on its pretrained AlexNet (the callback's defaults)."""
+    if not str(getattr(callback, "class_path", "")).endswith("DomainEval"):
+        return False
+    args = callback.get("init_args") or {}
+    return args.get("lpips", True) and args.get("lpips_backbone", "pretrained") == "pretrained"
+
+
 def input_problems(fit: Any, seen: dict[tuple, str | None]) -> list[str]:
-    """What keeps one run from opening its ``init_from`` and its train and val shards (index files only:
-    a sweep over many runs names each missing or mismatched input once, without decoding any image)."""
+    """What keeps one run from opening its ``init_from``, its train and val shards (index files only:
+    a sweep over many runs names each missing or mismatched input once, without decoding any image) and
+    the LPIPS weights its DomainEval needs."""
     data = fit.data
     inputs = [("init_from", fit.model.init_from)] if fit.model.init_from else []
+    if any(_needs_lpips_weights(c) for c in fit.trainer.callbacks or []):
+        inputs.append(("lpips",))
     for domain in [data.train, *(data.val or [])]:
         if domain is not None:
             inputs.append(("shards", domain.shards, domain.domain, data.lr_size, data.hr_size))
