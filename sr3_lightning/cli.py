@@ -59,6 +59,7 @@ class SR3CLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         self.restore_from: str | None = None  # the checkpoint fit resumes or validate evaluates
+        self.nothing_left = False  # fit: the resumed run is already at max_steps
         super().__init__(
             SR3Module,
             SR3DataModule,
@@ -175,18 +176,30 @@ class SR3CLI(LightningCLI):
         (found by `_parse_ckpt_path`)."""
         cfg = self.config_init[self.subcommand]
         cfg["ckpt_path"] = self.restore_from
+        self.nothing_left = False
         if cfg.get("ckpt_path"):
-            step = check_resume_settings(cfg["ckpt_path"], dict(self.model.hparams))
+            optimizer = self.model.configure_optimizers()  # as configured now; the resume restores the saved
+            optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+            step = check_resume_settings(cfg["ckpt_path"], dict(self.model.hparams), optimizer)
             log.warning(
                 "resuming from %s at step %d (pass --fresh=true to start anew)", cfg["ckpt_path"], step
             )
             if 0 <= self.trainer.max_steps <= step:
                 log.warning(
-                    "the run is already at step %d and trainer.max_steps is %d: nothing left to train; "
-                    "raise --trainer.max_steps, or pass --fresh=true to start a new run",
+                    "the run is already at step %d and trainer.max_steps is %d: nothing left to train, and "
+                    "nothing is run or rewritten; raise --trainer.max_steps, or pass --fresh=true to start "
+                    "a new run",
                     *(step, self.trainer.max_steps),
                 )
+                self.nothing_left = True
+                return
             trim_metrics_csv(self.trainer.default_root_dir, step)
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit``, unless the resumed run is already at ``max_steps`` (`before_fit`): then the
+        run's config.yaml, metrics and checkpoints stay as they are."""
+        if not self.nothing_left:
+            self.trainer.fit(**kwargs)
 
 
 def with_step_progress_bar(callbacks: Any) -> list:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sr3_lightning.checkpoint_io import read_checkpoint
 
 # Settings that change speed or bookkeeping, not what is trained: a resumed run may change them freely.
@@ -77,10 +79,36 @@ def changed_settings(current: dict[str, Any], saved: dict[str, Any]) -> list[str
     return changes
 
 
-def check_resume_settings(path: str | Path, current: dict[str, Any]) -> int:
-    """The checkpoint's step, after checking the run continues with the settings it was trained with."""
+# Optimizer param-group entries that are bookkeeping or kernel choice, not training settings.
+NOT_OPTIMIZER_SETTINGS = frozenset(
+    {"params", "initial_lr", "fused", "foreach", "capturable", "differentiable"}
+)
+
+
+def changed_optimizer_settings(configured: torch.optim.Optimizer, saved_state: dict[str, Any]) -> list[str]:
+    """``model.optimizer.KEY: now (checkpoint: then)`` for each hyperparameter (lr, betas, weight decay, ...)
+    the configured optimizer sets otherwise than the saved one; a resume restores the saved ones, so a
+    change would be silently ignored. The base lr is compared (``initial_lr`` under a scheduler)."""
+    groups = saved_state.get("param_groups") or [{}]
+    saved, now = groups[0], configured.defaults
+    changes = []
+    for key in sorted(set(now) & set(saved) - NOT_OPTIMIZER_SETTINGS):
+        then = saved.get("initial_lr", saved[key]) if key == "lr" else saved[key]
+        if _plain(now[key]) != _plain(then):
+            changes.append(f"model.optimizer.{key}: {now[key]} (checkpoint: {then})")
+    return changes
+
+
+def check_resume_settings(
+    path: str | Path, current: dict[str, Any], optimizer: torch.optim.Optimizer | None = None
+) -> int:
+    """The checkpoint's step, after checking the run continues with the settings it was trained with
+    (the model's, and with ``optimizer`` the configured optimizer's)."""
     step, saved = read_checkpoint_head(path)
     changes = changed_settings(current, saved)
+    if optimizer is not None:
+        states = (read_checkpoint(Path(path))[0] or {}).get("optimizer_states") or []
+        changes += changed_optimizer_settings(optimizer, states[0]) if states else []
     if changes:
         raise ValueError(
             f"resuming {path} (step {step}) with other model settings than it was trained with: "

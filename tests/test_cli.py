@@ -217,6 +217,10 @@ def test_resume_with_other_model_settings_is_refused_naming_them(tiny_shards, tm
         cli_main([*args, "--model.loss=l2", f"--ckpt_path={last}"])  # Lightning would swap l1 back in
     with pytest.raises(ValueError, match=r"model\.unet\.inner_channel: 16 \(checkpoint: 8\)"):
         cli_main([*args, "--model.unet.inner_channel=16"])  # found by the automatic resume
+    adam = ["--model.optimizer=torch.optim.Adam", "--model.optimizer.lr=0.01"]
+    with pytest.raises(ValueError, match=r"model\.optimizer\.lr: 0\.01 \(checkpoint: 0\.0001\)"):
+        cli_main([*args[:-1], "--trainer.max_steps=2", *adam])  # the resume would restore lr 1e-4
+    cli_main([*args[:-1], "--trainer.max_steps=0"])  # already past it: nothing is run or rewritten
     assert (tmp_path / "config.yaml").read_text() == config
     cli = cli_main([*args[:-1], "--trainer.max_steps=2", "--model.fused_attention=false"])  # speed only
     assert cli.trainer.global_step == 2 and not cli.model.hparams.fused_attention
