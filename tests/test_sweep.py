@@ -291,3 +291,16 @@ def test_smoke_sweep_killed_after_first_run_resumes_each_grid_point_once_then_re
     assert "| Bicubic |" in text and "| Regression (loss=l2, 2 steps) |" in text
     for plot in ("metrics_anime.png", "metrics_ffhq.png", "forgetting_ffhq.png"):
         assert (out / plot).stat().st_size > 1000 and f"]({plot})" in text
+
+
+def test_a_run_stopped_and_continued_is_timed_over_both_launches(tmp_path):
+    """The report's cost table divides a run's seconds by its steps: a continued run counts both parts."""
+    from sr3_lightning.sweep.local import _end, _Trial
+
+    (tmp_path / "r1").mkdir()
+    now = time.monotonic()
+    for started, stopped in ((now - 30, True), (now - 20, False)):  # 30 s cut off by a stop, then 20 s
+        trial = _Trial("r1", {"model.loss": "l1"}, None, None, tmp_path / "r1.log", started=started)
+        record = _end(tmp_path, trial, 0, None, stopped=stopped)
+    assert record is not None and 50 <= record["seconds"] < 52
+    assert read_records(tmp_path) == [record]

@@ -287,11 +287,11 @@ def _end(
     sweep_dir: Path, trial: _Trial, code: int, metric: str | None, stopped: bool
 ) -> dict[str, Any] | None:
     """Record a run that ended by itself (finished or failed); a run ended by a stop is left to redo."""
-    seconds = round(time.monotonic() - trial.started, 1)
+    run_dir = sweep_dir / trial.run_id
+    seconds = _add_seconds(run_dir, time.monotonic() - trial.started)
     if stopped:
         log.info("%s ended by the stop (exit %d): not recorded, redone on relaunch", trial.run_id, code)
         return None
-    run_dir = sweep_dir / trial.run_id
     record = {
         "run_id": trial.run_id,
         "params": trial.params,
@@ -309,6 +309,17 @@ def _end(
         tail = "".join(collections.deque(trial.log_path.open(errors="replace"), maxlen=15))
         log.error("FAILED %s (exit %d); last lines of %s:\n%s", trial.run_id, code, trial.log_path, tail)
     return record
+
+
+def _add_seconds(run_dir: Path, seconds: float) -> float:
+    """The run's seconds over all its launches (a run cut off and continued is timed whole, for the
+    report's cost table), kept in ``run_dir/seconds.txt``."""
+    path = run_dir / "seconds.txt"
+    if not run_dir.is_dir():
+        return round(seconds, 1)
+    total = round(seconds + (float(path.read_text()) if path.is_file() else 0.0), 1)
+    path.write_text(f"{total}\n")
+    return total
 
 
 def _summarise(sweep_dir: Path, ended: list[dict[str, Any]], exhausted: bool) -> None:
