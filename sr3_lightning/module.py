@@ -149,6 +149,7 @@ class SR3Module(LightningModule):
         self._guard = NonFiniteGuard(nonfinite_patience)
         self._step_finite: Tensor | None = None  # this step's "gradients are finite", on the device
         self._batch_keys: list[str] = []
+        self._restored_step = 0  # validate: the step of the checkpoint being evaluated
         self._cuda_graphs = False  # compile_mode replays CUDA graphs (set in setup, once the device is known)
         # The parameter lists the per-step guard and EMA walk, kept for one fit (`_fit_params`):
         # `parameters()` recurses through ~550 modules, about 1 ms of host time per walk.
@@ -217,6 +218,15 @@ class SR3Module(LightningModule):
             add_dataloader_idx=False,
             sync_dist=True,
         )
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation losses at the step of the weights they measure, as `DomainEval` and the
+        checkpoints name it: Lightning's default is one step earlier in ``fit`` and 0 in ``validate``."""
+        step = self.global_step if self.trainer.state.fn == "fit" else self._restored_step
+        self.log("step", float(step), add_dataloader_idx=False, sync_dist=True)  # the row's step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restored_step = int(checkpoint.get("global_step", 0))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip a step whose gradients are not finite (`sr3_lightning.nonfinite`). Under fp16 the grad

@@ -56,7 +56,10 @@ def test_fit_l2_timestep_range_then_resume_to_twice_the_steps(tiny_shards, tmp_p
     assert resumed["global_step"] == 4 and resumed["SR3DataModule"] != position
     rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows if r["train/loss"]] == [0, 1, 2, 3]  # earlier rows kept, none twice
-    assert "val/anime/loss" in rows[0]
+    assert [int(r["step"]) for r in rows if r["val/anime/loss"]] == [
+        2,
+        4,
+    ]  # the weights' step, as checkpoints
 
 
 def test_validate_reports_a_loss_per_domain_of_given_weights_only(tiny_shards, tmp_path):
@@ -233,7 +236,8 @@ def test_validate_logs_beside_the_training_run_not_into_it(tiny_shards, tmp_path
     cli = cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:], f"--ckpt_path={last}"])
     assert "val/anime/loss" in cli.trainer.callback_metrics
     assert {name: (tmp_path / name).read_text() for name in before} == before
-    assert "val/anime/loss" in (tmp_path / "validate" / "metrics.csv").read_text()
+    rows = list(csv.DictReader((tmp_path / "validate" / "metrics.csv").read_text().splitlines()))
+    assert [(r["step"], bool(r["val/anime/loss"])) for r in rows] == [("1", True)]  # the checkpoint's step
     cli = cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:]])  # no --ckpt_path: the run's newest
     assert cli.trainer.ckpt_path == str(last)
     with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
