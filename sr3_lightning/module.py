@@ -185,6 +185,7 @@ class SR3Module(LightningModule):
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches  # global_step counts optimizer steps
         torch.manual_seed(step_seed(self.hparams.seed, self.global_step, self.global_rank, micro_batch))
         self._batch_keys = list(batch.get("key", []))
+        self.trainer.callback_metrics.pop("step", None)  # the last validation's: checkpoints name this step
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
 
@@ -221,7 +222,9 @@ class SR3Module(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation losses at the step of the weights they measure, as `DomainEval` and the
-        checkpoints name it: Lightning's default is one step earlier in ``fit`` and 0 in ``validate``."""
+        checkpoints name it: Lightning's default is one step earlier in ``fit`` and 0 in ``validate``.
+        (The logged ``step`` stays in ``callback_metrics``, where checkpoint names read it, until the next
+        training batch drops it.)"""
         step = self.global_step if self.trainer.state.fn == "fit" else self._restored_step
         self.log("step", float(step), add_dataloader_idx=False, sync_dist=True)  # the row's step
 
