@@ -147,6 +147,7 @@ def prepare_data(src: Path | None, data_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
+    from sr3_lightning.checkpoint_io import find_resume_checkpoint
     from sr3_lightning.cli import cli_main
 
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
@@ -162,7 +163,7 @@ def main(argv: list[str]) -> None:
     ]
     cli = cli_main([*fit_args, *extra])
     run_dir = Path(cli.trainer.log_dir)
-    ckpt = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
+    ckpt = find_resume_checkpoint(run_dir)  # also when the run was already complete and nothing ran
     lines = [
         "Demo finished.",
         f"  metrics CSV : {run_dir / 'metrics.csv'}",
