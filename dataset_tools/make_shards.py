@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a killed job winds down as after Ctrl-C
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # winds down as after Ctrl-C
     try:
         make_shards(
             args.src,
@@ -382,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "make_shards: interrupted before index.json was written; run the same command again to "
             "build the shards.\n",
         )
+    finally:  # called in-process (tests, scripts): leave the caller's SIGTERM handling as it was
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
     for path in sorted(folder.glob("*.ckpt")):
         ckpt, problem = read_checkpoint(path)  # memory-mapped: the weights are not read
         if ckpt is None:
-            log.warning("checkpoint %s is corrupt (%s); skipped, the run resumes from another", path, problem)
+            log.warning("checkpoint %s is corrupt (%s); skipped", path, problem)
             continue
         rank = (int(ckpt["global_step"]), path.name.startswith("last"), path.stat().st_mtime)
         if best is None or rank > best[0]:

@@ -120,6 +120,10 @@ class SR3CLI(LightningCLI):
             )
             return str(found)
         if cfg.model.get("init_from"):
+            log.warning(
+                "validating the weights of model.init_from=%s: %s holds no checkpoint",
+                *(cfg.model.init_from, run_dir / "checkpoints"),
+            )
             return None  # the model loads them when it is built
         raise ValueError(
             f"validate has no weights to evaluate: {run_dir / 'checkpoints'} holds no checkpoint and "
@@ -179,7 +183,7 @@ class SR3CLI(LightningCLI):
         self.nothing_left = False
         if cfg.get("ckpt_path"):
             optimizer = self.model.configure_optimizers()  # as configured now; the resume restores the saved
-            optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+            optimizer = None if isinstance(optimizer, dict) else optimizer  # dict: with an lr scheduler
             step = check_resume_settings(cfg["ckpt_path"], dict(self.model.hparams), optimizer)
             log.warning(
                 "resuming from %s at step %d (pass --fresh=true to start anew)", cfg["ckpt_path"], step
@@ -342,13 +346,14 @@ def main() -> None:
     """The command line; in-process callers of `cli_main` get fit's and validate's exceptions instead.
 
     A run stopped by SIGTERM exits with 143, not Lightning's 0: a job scheduler or sweep must not take it
-    for a finished run (`FinalCheckpoint` has saved its last step)."""
+    for a finished run (`FinalCheckpoint` saves the step it stopped at, where that resumes exactly)."""
     try:
         with bad_input_exits():
             cli_main()
     except SIGTERMException:
         print(
-            "stopped by SIGTERM; the last finished step is saved: run the same command again to resume",
+            "stopped by SIGTERM (the log above says which step was saved); run the command again, without "
+            "--ckpt_path, to resume from the run's newest checkpoint",
             file=sys.stderr,
         )
         raise SystemExit(SIGTERM_EXIT) from None

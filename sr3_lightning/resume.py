@@ -88,12 +88,13 @@ NOT_OPTIMIZER_SETTINGS = frozenset(
 def changed_optimizer_settings(configured: torch.optim.Optimizer, saved_state: dict[str, Any]) -> list[str]:
     """``model.optimizer.KEY: now (checkpoint: then)`` for each hyperparameter (lr, betas, weight decay, ...)
     the configured optimizer sets otherwise than the saved one; a resume restores the saved ones, so a
-    change would be silently ignored. The base lr is compared (``initial_lr`` under a scheduler)."""
+    change would be silently ignored. Only for runs without an lr scheduler: schedulers move lr (and some
+    betas or momentum) during training, so the saved values are not the configured ones."""
     groups = saved_state.get("param_groups") or [{}]
     saved, now = groups[0], configured.defaults
     changes = []
     for key in sorted(set(now) & set(saved) - NOT_OPTIMIZER_SETTINGS):
-        then = saved.get("initial_lr", saved[key]) if key == "lr" else saved[key]
+        then = saved[key]
         if _plain(now[key]) != _plain(then):
             changes.append(f"model.optimizer.{key}: {now[key]} (checkpoint: {then})")
     return changes
@@ -103,12 +104,14 @@ def check_resume_settings(
     path: str | Path, current: dict[str, Any], optimizer: torch.optim.Optimizer | None = None
 ) -> int:
     """The checkpoint's step, after checking the run continues with the settings it was trained with
-    (the model's, and with ``optimizer`` the configured optimizer's)."""
+    (the model's, and with ``optimizer``, the configured optimizer without an lr scheduler, its
+    hyperparameters)."""
     step, saved = read_checkpoint_head(path)
     changes = changed_settings(current, saved)
-    if optimizer is not None:
-        states = (read_checkpoint(Path(path))[0] or {}).get("optimizer_states") or []
-        changes += changed_optimizer_settings(optimizer, states[0]) if states else []
+    ckpt = (read_checkpoint(Path(path))[0] or {}) if optimizer is not None else {}
+    states = ckpt.get("optimizer_states") or []
+    if states and not ckpt.get("lr_schedulers"):
+        changes += changed_optimizer_settings(optimizer, states[0])
     if changes:
         raise ValueError(
             f"resuming {path} (step {step}) with other model settings than it was trained with: "

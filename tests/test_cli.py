@@ -229,6 +229,19 @@ def test_resume_with_other_model_settings_is_refused_naming_them(tiny_shards, tm
     assert cli.trainer.global_step == 2 and not cli.model.hparams.fused_attention
 
 
+def test_a_scheduler_s_moving_lr_and_betas_are_not_taken_for_changed_settings(tiny_shards, tmp_path):
+    one_cycle = [
+        "--model.lr_scheduler=torch.optim.lr_scheduler.OneCycleLR",
+        "--model.lr_scheduler.max_lr=0.001",
+        "--model.lr_scheduler.total_steps=10",
+    ]
+    cli_main(fit_args(tiny_shards, tmp_path, *one_cycle, "--trainer.max_steps=2"))
+    assert (
+        cli_main(fit_args(tiny_shards, tmp_path, *one_cycle, "--trainer.max_steps=4")).trainer.global_step
+        == 4
+    )
+
+
 def test_validate_logs_beside_the_training_run_not_into_it(tiny_shards, tmp_path):
     cli_main(fit_args(tiny_shards, tmp_path, "--trainer.max_steps=1"))
     before = {name: (tmp_path / name).read_text() for name in ("config.yaml", "metrics.csv")}

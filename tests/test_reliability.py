@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from sr3_lightning.cli import cli_main
@@ -175,12 +176,29 @@ def test_sigterm_saves_the_step_it_stopped_at_exits_143_and_resumes_exactly(tiny
         [sys.executable, "-m", "sr3_lightning", *stopped, sigterm], capture_output=True, text=True
     )
     assert cut.returncode == 128 + signal.SIGTERM, cut.stderr[-2000:]
-    assert "stopped by SIGTERM; the last finished step is saved" in cut.stderr
+    assert "saved " in cut.stderr and "at the final step 7" in cut.stderr
+    assert "stopped by SIGTERM (the log above says which step was saved); run the command again" in cut.stderr
     assert final_state(tmp_path / "stopped")["global_step"] == 7  # not the periodic save at 5
     assert cli_main(stopped).trainer.global_step == 12
     assert_same_training_state(final_state(tmp_path / "straight"), final_state(tmp_path / "stopped"))
     straight, resumed = ((tmp_path / d / "metrics.csv").read_text() for d in ("straight", "stopped"))
     assert resumed == straight  # every row once, at its step
+
+
+def test_sigterm_inside_an_accumulation_window_keeps_the_last_save_and_resumes_exactly(
+    tiny_shards, tmp_path, caplog
+):
+    """The summed gradients of a half-done window are not in a checkpoint: saving there would not resume
+    exactly, so the run goes back to its last periodic save."""
+    accumulate = "--trainer.accumulate_grad_batches=2"
+    cli_main(args_for(tiny_shards, tmp_path / "straight", 8, accumulate))
+    stopped = args_for(tiny_shards, tmp_path / "stopped", 8, accumulate)
+    with pytest.raises(SIGTERMException):
+        cli_main([*stopped, "--trainer.callbacks+={class_path: tests.loop.SigtermAt, init_args: {step: 7}}"])
+    assert "SIGTERM at step 6: not saved (inside a gradient-accumulation window" in caplog.text
+    assert final_state(tmp_path / "stopped")["global_step"] == 5
+    assert cli_main(stopped).trainer.global_step == 8
+    assert_same_training_state(final_state(tmp_path / "straight"), final_state(tmp_path / "stopped"))
 
 
 def test_a_moved_run_directory_resumes_from_its_highest_step(tiny_shards, tmp_path):

@@ -28,14 +28,26 @@ class FinalCheckpoint(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """SIGTERM between two training steps: save the step just finished. Raised inside validation, it
-        leaves the last save as it is (a checkpoint taken mid-validation would not resume cleanly)."""
+        """SIGTERM between two optimizer steps: save the step just finished. Inside validation or inside a
+        gradient-accumulation window nothing is saved (the loop or the summed gradients would not resume
+        exactly): the newest checkpoint stays the last periodic save, and the log says so."""
         if not isinstance(exception, SIGTERMException):
             return
-        if trainer.state.stage == RunningStage.TRAINING:
-            self.on_train_end(trainer, pl_module)
+        why_not = self._why_not_saved(trainer)
+        if why_not:
+            log.warning("SIGTERM at step %d: not saved (%s)", trainer.global_step, why_not)
         else:
-            log.warning("SIGTERM during %s: last.ckpt is the last periodic save", trainer.state.stage)
+            self.on_train_end(trainer, pl_module)
+
+    @staticmethod
+    def _why_not_saved(trainer: pl.Trainer) -> str | None:
+        if trainer.state.stage != RunningStage.TRAINING:
+            return f"during {trainer.state.stage}; the newest checkpoint is the last periodic save"
+        if trainer.fit_loop.epoch_loop.batch_progress.current.ready % trainer.accumulate_grad_batches:
+            return "inside a gradient-accumulation window; the newest checkpoint is the last periodic save"
+        if not any(getattr(c, "save_last", None) is True for c in trainer.checkpoint_callbacks):
+            return "no ModelCheckpoint with save_last: true"
+        return None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == 0 or trainer.sanity_checking or trainer.fast_dev_run:

@@ -248,7 +248,8 @@ def _shard_problems(
         )
     held = list(members)
     if held != list(shard.keys):
-        differ = next((h, k) for h, k in zip([*held, None], [*shard.keys, None]) if h != k)
+        end = "(no more samples)"
+        differ = next((h, k) for h, k in zip([*held, end], [*shard.keys, end]) if h != k)
         problems.append(
             f"{path}: holds {len(held)} samples, {index.path} lists {shard.num_samples}; the first that "
             f"differs is '{differ[0]}' in the file, '{differ[1]}' in the index"
