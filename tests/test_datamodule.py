@@ -303,6 +303,20 @@ def test_corrupt_image_raises_or_is_skipped(tiny_shards: Path, caplog: pytest.Lo
     assert len(take(dm.train_dataloader(), 7)) == 7
 
 
+def test_many_skipped_samples_are_listed_ten_and_counted(
+    tiny_shards: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(10):  # every sample of the first shard: its sha256 and 10 samples, 11 problems
+        path, offset, _ = _member(tiny_shards / "anime", f"anime_{i:03d}", "hr.png")
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(b"NOT A PNG")
+    with caplog.at_level(logging.WARNING):
+        dm = _setup(tiny_shards, on_corrupt="skip", num_workers=0)
+    assert len(dm.train_keys) == 14 and "10 of 24 samples of domain 'anime' skipped" in caplog.text
+    assert caplog.text.count("cannot be decoded") == 9 and "... and 1 more" in caplog.text
+
+
 def test_limit_larger_than_the_domain(tiny_shards: Path) -> None:
     dm = SR3DataModule(
         TrainDomain("anime", str(tiny_shards), limit=100), [ValDomain("anime", str(tiny_shards))], **TINY
