@@ -96,7 +96,7 @@ class SR3CLI(LightningCLI):
         if ckpt_path:
             read_checkpoint_head(ckpt_path)
         elif subcommand == "fit" and not cfg.get("fresh"):
-            found = find_resume_checkpoint(cfg.trainer.get("default_root_dir") or "runs/default")
+            found = find_resume_checkpoint(run_dir_of(cfg.trainer))
             ckpt_path = str(found) if found else None
         self.restore_from = ckpt_path
         if subcommand != "fit":
@@ -112,7 +112,7 @@ class SR3CLI(LightningCLI):
         """validate without --ckpt_path: the run directory's newest checkpoint, else the weights of
         model.init_from. An untrained model is refused: its losses would pass for a result."""
         cfg = self.config["validate"]
-        run_dir = Path(cfg.trainer.get("default_root_dir") or "runs/default")
+        run_dir = run_dir_of(cfg.trainer)
         found = find_resume_checkpoint(run_dir)
         if found is not None:
             log.warning(
@@ -150,13 +150,14 @@ class SR3CLI(LightningCLI):
         the command before a run directory, W&B run or ``--fresh`` move is made for a run that cannot
         start."""
         trainer_cfg = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
         if self.subcommand in ("fit", "validate"):
             self.datamodule.setup(self.subcommand)
-            callbacks = trainer_cfg.get("callbacks") or []
-            for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            for callback in callbacks:
                 if isinstance(callback, DomainEval):
                     callback.check_inputs()
-        run_dir = Path(trainer_cfg.get("default_root_dir") or "runs/default")
+        run_dir = run_dir_of(trainer_cfg)
         prepare_run_dir(run_dir, fresh=self.subcommand == "fit" and bool(self._get(self.config, "fresh")))
         if self.subcommand == "fit" and self.restore_from is None:
             set_aside_logs_without_checkpoint(run_dir)
@@ -172,7 +173,7 @@ class SR3CLI(LightningCLI):
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         if trainer_cfg.get("enable_progress_bar") is not False:
-            kwargs["callbacks"] = with_step_progress_bar(trainer_cfg.get("callbacks"))
+            kwargs["callbacks"] = with_step_progress_bar(callbacks)
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -206,9 +207,13 @@ class SR3CLI(LightningCLI):
             self.trainer.fit(**kwargs)
 
 
-def with_step_progress_bar(callbacks: Any) -> list:
+def run_dir_of(trainer_cfg: Any) -> Path:
+    """The run directory a trainer config names (``trainer.default_root_dir``)."""
+    return Path(trainer_cfg.get("default_root_dir") or "runs/default")
+
+
+def with_step_progress_bar(callbacks: list) -> list:
     """The configured callbacks, plus `StepProgressBar` unless the config brings its own bar."""
-    callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [c for c in [callbacks] if c]
     if any(isinstance(c, ProgressBar) for c in callbacks):
         return callbacks
     return [*callbacks, StepProgressBar()]

@@ -29,6 +29,12 @@ FREE_ON_RESUME = frozenset(
 
 def read_checkpoint_head(path: str | Path) -> tuple[int, dict[str, Any]]:
     """The step and saved model settings of a checkpoint to resume or validate (memory-mapped)."""
+    ckpt = open_checkpoint(path)
+    return int(ckpt["global_step"]), dict(ckpt.get("hyper_parameters") or {})
+
+
+def open_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint to resume or validate, memory-mapped, with an error naming the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -41,7 +47,7 @@ def read_checkpoint_head(path: str | Path) -> tuple[int, dict[str, Any]]:
             f"checkpoint {path} cannot be read ({problem}); it is truncated or not an sr3-lightning "
             "checkpoint. Pick another file from checkpoints/, or start anew with --fresh=true."
         )
-    return int(ckpt["global_step"]), dict(ckpt.get("hyper_parameters") or {})
+    return ckpt
 
 
 def _plain(value: Any) -> Any:
@@ -106,11 +112,11 @@ def check_resume_settings(
     """The checkpoint's step, after checking the run continues with the settings it was trained with
     (the model's, and with ``optimizer``, the configured optimizer without an lr scheduler, its
     hyperparameters)."""
-    step, saved = read_checkpoint_head(path)
-    changes = changed_settings(current, saved)
-    ckpt = (read_checkpoint(Path(path))[0] or {}) if optimizer is not None else {}
+    ckpt = open_checkpoint(path)
+    step = int(ckpt["global_step"])
+    changes = changed_settings(current, dict(ckpt.get("hyper_parameters") or {}))
     states = ckpt.get("optimizer_states") or []
-    if states and not ckpt.get("lr_schedulers"):
+    if optimizer is not None and states and not ckpt.get("lr_schedulers"):
         changes += changed_optimizer_settings(optimizer, states[0])
     if changes:
         raise ValueError(
