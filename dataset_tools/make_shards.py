@@ -48,7 +48,7 @@ def _init_worker(source: Source, domain: str, pool_worker: bool = False) -> None
     _source, _domain = source, domain
     if pool_worker:  # Ctrl-C reaches the whole process group: the main process alone winds the run down
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not main()'s handler: the pool ends workers so
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool ends workers by SIGTERM
 
 
 def _png(img: Image.Image) -> bytes:
