@@ -1,12 +1,14 @@
 """W&B offline beside CSV: what a dashboard would show, read back from the run files."""
 
 import csv
+import time
 
 import wandb
+from wandb.proto import wandb_internal_pb2
 
 from sr3_lightning.cli import cli_main
 from sr3_lightning.tracking import resolve_mode
-from sr3_lightning.wandb_offline import read_history, run_files
+from sr3_lightning.wandb_offline import _records, read_history, run_files
 from tests.loop import tiny_fit_args
 
 EVAL = (
@@ -16,6 +18,21 @@ EVAL = (
     "--trainer.callbacks.steps=3",
     "--trainer.callbacks.lpips=false",
 )
+
+
+def wait_for_exit_record(wandb_dir, timeout_s: float = 60.0) -> None:
+    """W&B's service process writes the run file; on a loaded machine it may still be writing after finish."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for path in run_files(wandb_dir):
+            kinds = [
+                wandb_internal_pb2.Record.FromString(raw).WhichOneof("record_type")
+                for raw in _records(path.read_bytes())
+            ]
+            if "exit" in kinds:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"no exit record in the W&B run file under {wandb_dir} after {timeout_s} s")
 
 
 def test_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
@@ -32,9 +49,10 @@ def test_offline_run_history_and_csv_hold_domain_metrics_per_step(tiny_shards, t
     monkeypatch.setenv("HOME", str(tmp_path))
     cli_main(tiny_fit_args(tiny_shards, tmp_path, 3, "--tracking.mode=auto", *EVAL))
     wandb.finish()
+    wait_for_exit_record(tmp_path / "wandb")
     history = read_history(tmp_path / "wandb")
     steps = {row["trainer/global_step"] for row in history if "val/anime/psnr" in row}
-    assert steps >= {0, 1, 2, 3}
+    assert steps >= {0, 1, 2, 3}, f"{len(history)} history rows, {steps=}"
     (run_file,) = run_files(tmp_path / "wandb")
     killed = tmp_path / "killed" / run_file.name  # a run killed while writing: every whole record still reads
     killed.parent.mkdir()
