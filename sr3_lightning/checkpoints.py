@@ -9,6 +9,7 @@ first mismatch; saving writes the same layout back, so a round trip is lossless.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +21,8 @@ from sr3_lightning.diffusion.schedule import BETA_SCHEDULES, BUFFER_NAMES, Sched
 from sr3_lightning.models.unet import UNet, UNetConfig
 
 PREFIX = "denoise_fn."
+UNSTORED = {"norm_groups": 32, "image_size": 128, "dropout": 0.2}  # not in the weights; the 16->128 model's
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -39,7 +42,7 @@ class ReferenceCheckpoint:
     schedule_spec: dict
 
 
-def _torch_load(path: Path, what: str) -> dict:
+def torch_load(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(
             f"{what} {path} does not exist; check the path (a reference checkpoint is a "
@@ -171,7 +174,7 @@ def _schedule_from_buffers(buffers: dict[str, Tensor], spec: dict | None) -> tup
     return Schedule.from_buffers(buffers), {"kind": "stored", "num_timesteps": len(betas)}
 
 
-def _check_shapes(unet: UNet, weights: dict[str, Tensor], source: Path) -> None:
+def check_shapes(unet: UNet, weights: dict[str, Tensor], source: Path) -> None:
     """Walk the model's keys in order and stop at the first one missing or of another shape."""
     fix = (
         "The checkpoint has another architecture than the config; pass the reference config JSON it was "
@@ -200,17 +203,24 @@ def load_reference(
     opt_path: str | Path | None = None,
     config: str | Path | UNetConfig | None = None,
     norm_groups: int | None = None,
+    image_size: int | None = None,
+    dropout: float | None = None,
 ) -> ReferenceCheckpoint:
     """Load a reference ``*_gen.pth`` (and optional ``*_opt.pth``) into our UNet, strictly.
 
     The architecture comes from ``config`` (a reference JSON or a UNetConfig), else from a reference
-    JSON beside the checkpoint (see ``find_reference_config``), else from the weights themselves.
+    JSON beside the checkpoint (see ``find_reference_config``), else from the weights themselves, with
+    the values weights do not store taken from the arguments or, with a warning, the 16->128 model's.
     """
     gen_path = Path(gen_path)
-    state = _torch_load(gen_path, "generator checkpoint")
+    state = torch_load(gen_path, "generator checkpoint")
     buffers = {k: state[k] for k in BUFFER_NAMES if k in state}
     weights = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     foreign = [k for k in state if k not in buffers and not k.startswith(PREFIX)]
+    if "state_dict" in state and "hyper_parameters" in state:
+        raise CheckpointError(
+            f"{gen_path} is already an sr3-lightning checkpoint: use it as it is (--ckpt, model.init_from)."
+        )
     if foreign or not weights:
         raise CheckpointError(
             f"{gen_path}: unexpected key {foreign[0] if foreign else '(no denoise_fn.* weights)'}; "
@@ -222,14 +232,18 @@ def load_reference(
         config = find_reference_config(gen_path)
     if isinstance(config, str | Path):
         config, spec = read_reference_config(Path(config))
+    given = {"norm_groups": norm_groups, "image_size": image_size, "dropout": dropout}
+    given = {k: v for k, v in given.items() if v is not None}
+    assumed = {k: v for k, v in UNSTORED.items() if k not in given} if config is None else {}
     if config is None:
-        config = infer_unet_config(weights, norm_groups=norm_groups or 32)
-    elif norm_groups is not None:
-        config = replace(config, norm_groups=norm_groups)
+        config = infer_unet_config(weights, **{**UNSTORED, **given})
+    else:
+        config = replace(config, **given)
     _check_group_norm(config, gen_path)
     unet = UNet(config)
-    _check_shapes(unet, weights, gen_path)
+    check_shapes(unet, weights, gen_path)
     unet.load_state_dict(weights, strict=True)
+    _warn_assumed(assumed, gen_path)
     if len(buffers) == len(BUFFER_NAMES):
         schedule, spec = _schedule_from_buffers(buffers, spec)
     else:
@@ -237,7 +251,7 @@ def load_reference(
         schedule = make_schedule(**spec)
     opt_state, step, epoch = None, 0, 0
     if opt_path is not None:
-        opt = _torch_load(Path(opt_path), "optimizer checkpoint")
+        opt = torch_load(Path(opt_path), "optimizer checkpoint")
         if "optimizer" not in opt:
             raise CheckpointError(
                 f"{opt_path}: no 'optimizer' entry; a reference *_opt.pth holds "
@@ -246,6 +260,19 @@ def load_reference(
         opt_state, step, epoch = opt["optimizer"], int(opt.get("iter", 0)), int(opt.get("epoch", 0))
         _check_optimizer(opt_state, unet, Path(opt_path))
     return ReferenceCheckpoint(unet, schedule, opt_state, step, epoch, config, spec)
+
+
+def _warn_assumed(assumed: dict, source: Path) -> None:
+    if assumed:
+        log.warning(
+            "%s: no reference config JSON given or beside it, and the weights do not store %s: assumed the "
+            "16->128 model's values. The image size sets the size `sample` works at and the attention "
+            "levels, dropout is used when fine-tuning, GroupNorm groups change every output (the 64->512 "
+            "model has image_size 512, dropout 0). Pass --config with the JSON it was trained with, or %s",
+            source,
+            ", ".join(f"{k}={v}" for k, v in assumed.items()),
+            " ".join(f"--{k.replace('_', '-')} VALUE" for k in assumed),
+        )
 
 
 def _check_group_norm(config: UNetConfig, source: Path) -> None:
@@ -269,33 +296,6 @@ def _check_optimizer(opt_state: dict, unet: UNet, source: Path) -> None:
             )
 
 
-# Optimizer group keys that pick a kernel, not an optimisation setting (fused is re-chosen at train start).
-KERNEL_CHOICES = frozenset({"fused", "foreach", "capturable", "differentiable"})
-
-
-def take_over_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str) -> list[str]:
-    """Load the moments and step counts of ``state``, keeping the optimizer's configured settings.
-
-    ``Optimizer.load_state_dict`` alone would also bring back the saved lr, betas, eps and weight decay,
-    silently overriding the run's config. Returns the settings that differed, as ``lr=1e-05 (saved 0.0001)``.
-    """
-    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(
-            f"{source}: its optimizer state does not fit this run's optimizer ({err}); "
-            "set model.init_optimizer=false to start with fresh moments."
-        ) from None
-    differed = []
-    for group, settings in zip(optimizer.param_groups, configured, strict=True):
-        for key, value in settings.items():
-            if key not in KERNEL_CHOICES and key in group and str(group[key]) != str(value):
-                differed.append(f"{key}={value} (saved {group[key]})")
-        group.update(settings)
-    return differed
-
-
 def save_reference(
     gen_path: str | Path,
     unet: UNet,
@@ -311,67 +311,6 @@ def save_reference(
     torch.save(state, gen_path)
     if opt_path is not None:
         torch.save({"epoch": epoch, "iter": step, "scheduler": None, "optimizer": optimizer_state}, opt_path)
-
-
-@dataclass
-class InitWeights:
-    """Weights (and optimizer state) to start a run from, with a line saying where they came from."""
-
-    optimizer_state: dict | None
-    description: str
-    schedule: Schedule | None  # the noise schedule it was trained with, where the file says
-    schedule_spec: dict | None
-
-    def schedule_differs(self, schedule: Schedule) -> bool:
-        """True when ``schedule``'s noise levels are not the ones these weights were trained on."""
-        if self.schedule is None:
-            return False
-        theirs, ours = self.schedule.alphas_cumprod, schedule.alphas_cumprod.cpu()
-        return theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-6, atol=0)
-
-
-def resolve_reference_pair(source: str | Path) -> tuple[Path, Path | None]:
-    """``X`` / ``X_gen.pth`` -> (``X_gen.pth``, ``X_opt.pth`` when it exists): the reference's naming."""
-    text = str(source)
-    prefix = text.removesuffix(".pth").removesuffix("_gen").removesuffix("_opt")
-    gen, opt = Path(prefix + "_gen.pth"), Path(prefix + "_opt.pth")
-    if not gen.is_file():
-        raise CheckpointError(
-            f"init_from={source}: {gen} does not exist. Give a reference checkpoint prefix "
-            "(e.g. checkpoints/I640000_E37 for I640000_E37_gen.pth) or one of our .ckpt files."
-        )
-    return gen, opt if opt.is_file() else None
-
-
-def load_init_weights(source: str | Path, unet: UNet) -> InitWeights:
-    """Load ``source`` (our ``.ckpt`` or a reference prefix) into ``unet`` strictly, checking every shape."""
-    path = Path(source)
-    if path.suffix == ".ckpt":
-        ckpt = _torch_load(path, "checkpoint")
-        state = ckpt.get("state_dict", {})
-        weights = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
-        if not weights:
-            raise CheckpointError(
-                f"{path}: no unet.* weights in its state_dict; is it an sr3-lightning checkpoint?"
-            )
-        _check_shapes(unet, weights, path)
-        unet.load_state_dict(weights, strict=True)
-        opt_states = ckpt.get("optimizer_states") or [None]
-        hp = ckpt.get("hyper_parameters", {})
-        keys = {
-            "kind": "beta_schedule",
-            "num_timesteps": "num_timesteps",
-            "start": "beta_start",
-            "end": "beta_end",
-        }
-        spec = {k: hp[name] for k, name in keys.items()} if all(n in hp for n in keys.values()) else None
-        schedule = make_schedule(**spec) if spec else None
-        return InitWeights(opt_states[0], f"{path} (step {ckpt.get('global_step', 0)})", schedule, spec)
-    gen, opt = resolve_reference_pair(source)
-    ref = load_reference(gen, opt, config=unet.config)
-    unet.load_state_dict(ref.unet.state_dict(), strict=True)
-    description = f"reference {gen} (iteration {ref.step}, epoch {ref.epoch})"
-    return InitWeights(ref.optimizer_state, description, ref.schedule, ref.schedule_spec)
 
 
 def write_checkpoint(path: str | Path, ref: ReferenceCheckpoint, hparams: dict) -> None:

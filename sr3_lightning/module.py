@@ -14,11 +14,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from sr3_lightning.checkpoints import load_init_weights, take_over_optimizer_state
 from sr3_lightning.diffusion import (
+    Generators,
     SampleResult,
     conditional_denoiser,
     denoising_loss,
+    gaussian_like,
     make_schedule,
     respace,
     sample_ddim,
@@ -28,6 +29,7 @@ from sr3_lightning.diffusion import (
 )
 from sr3_lightning.diffusion.losses import check_t_range
 from sr3_lightning.fast_paths import FastPaths, check_compile_mode, use_fused_adam, uses_cuda_graphs
+from sr3_lightning.init_weights import load_init_weights, take_over_optimizer_state
 from sr3_lightning.models.unet import UNet, UNetConfig, init_orthogonal
 from sr3_lightning.nonfinite import NonFiniteGuard
 
@@ -337,7 +339,7 @@ class SR3Module(LightningModule):
         steps: int | None = None,
         eta: float = 0.0,
         t_start: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         record: list[int] | None = None,
         progress: bool = False,
     ) -> SampleResult:
@@ -345,7 +347,7 @@ class SR3Module(LightningModule):
 
         ``steps`` respaces the chain to K steps (default: all T). ``t_start`` (1-based, in the possibly
         respaced schedule) starts from the noised ``lr_up`` instead of pure noise (Diff-SR / SDEdit).
-        The regression objective answers with one forward pass.
+        The regression objective answers with one forward pass. ``generator`` may be one per image.
         """
         unet = self.sampling_unet
         was_training = unet.training
@@ -360,7 +362,7 @@ class SR3Module(LightningModule):
             common = dict(generator=generator, record=record, progress=progress)
             if t_start is not None:
                 return sample_from_image(denoise, lr_up, sched, t_start, sampler=sampler, eta=eta, **common)
-            x_t = torch.randn(lr_up.shape, generator=generator, device=lr_up.device, dtype=lr_up.dtype)
+            x_t = gaussian_like(lr_up, generator)
             if sampler == "ddim":
                 return sample_ddim(denoise, x_t, sched, eta=eta, **common)
             return sample_ddpm(denoise, x_t, sched, **common)

@@ -71,7 +71,7 @@ def test_round_trip_is_lossless(tmp_path):
         assert torch.equal(opt["optimizer"]["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
 
 
-def test_architecture_is_inferred_from_weights_when_no_config(tmp_path):
+def test_architecture_is_inferred_from_weights_when_no_config(tmp_path, caplog):
     shutil.copy(REF / "tiny_gen.pth", tmp_path / "tiny_gen.pth")
     with pytest.raises(
         CheckpointError, match=r"norm_groups=32 does not divide.*\(--config\) or --norm-groups"
@@ -83,6 +83,11 @@ def test_architecture_is_inferred_from_weights_when_no_config(tmp_path):
         (1, 2, 2),
         1,
     )
+    assert "do not store image_size=128, dropout=0.2: assumed the 16->128 model's" in caplog.text
+    assert "--image-size VALUE --dropout VALUE" in caplog.text and "norm_groups=" not in caplog.text
+    caplog.clear()
+    ck = load_reference(tmp_path / "tiny_gen.pth", norm_groups=4, image_size=32, dropout=0.0)
+    assert ck.config == TINY and not caplog.text  # everything the weights lack was given: the exact model
     io = tiny_io()
     with torch.no_grad():
         out = ck.unet.eval()(io["unet_in_x"], io["unet_in_noise_level"])

@@ -174,6 +174,22 @@ def test_import_reference_bad_file_is_one_paragraph_without_traceback(tmp_path):
     assert "broken_gen.pth could not be read" in proc.stderr
 
 
+def test_import_reference_names_a_folder_out_and_one_of_our_checkpoints(tmp_path, capsys):
+    ours = tmp_path / "tiny.ckpt"
+    for gen, out, message in (
+        (REF / "tiny_gen.pth", tmp_path, f"--out {tmp_path} is a folder; name the checkpoint file"),
+        (REF / "tiny_gen.pth", ours, None),
+        (ours, tmp_path / "again.ckpt", f"{ours} is already an sr3-lightning checkpoint: use it as it is"),
+    ):
+        argv = ["import-reference", "--gen", str(gen), "--out", str(out)]
+        if message is None:
+            cli_main(argv)
+            continue
+        with pytest.raises(SystemExit):
+            cli_main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_sample_super_resolves_a_folder_of_lr_images(tmp_path, caplog):
     ckpt = tmp_path / "tiny.ckpt"
     cli_main(["import-reference", "--gen", str(REF / "tiny_gen.pth"), "--out", str(ckpt)])

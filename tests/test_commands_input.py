@@ -1,14 +1,21 @@
 """`sample` and `upscale` refuse bad input up front, in one paragraph naming the file or flag and the fix."""
 
+import dataclasses
+import json
 import os
 import re
 from pathlib import Path
 
+import lightning
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sr3_lightning.cli import cli_main
-from tests.reference import REF
+from sr3_lightning.commands import sample
+from sr3_lightning.module import SR3Module
+from tests.reference import REF, TINY
 
 FAST = ["--sampler", "ddim", "--steps", "2"]
 COMMANDS = {"sample": [], "upscale": ["--scale", "2", "--noise-level", "0.3"]}
@@ -113,3 +120,79 @@ def test_upscale_checks_the_target_size_against_every_input_first(tiny_ckpt, tmp
     err = capsys.readouterr().err
     assert "z_large.png: --size 32x32 does not enlarge the 40x40 input" in err
     assert not (tmp_path / "out").exists()
+
+
+def unconditional_ckpt(tmp_path: Path) -> Path:
+    model = SR3Module(unet=dataclasses.replace(TINY, in_channel=3), num_timesteps=100)
+    ckpt = tmp_path / "uncond.ckpt"
+    state = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    torch.save({**state, "pytorch-lightning_version": lightning.__version__}, ckpt)
+    return ckpt
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_what_the_model_cannot_run_is_refused_before_anything_is_written(
+    tiny_ckpt, tmp_path, capsys, command
+):
+    inputs = colour_images(tmp_path / "in", "a.png")
+    err = expect_error(capsys, command, tiny_ckpt, inputs, tmp_path / "out", "--steps", "101")
+    assert "--steps 101: this model's chain has 100 steps; use 1..100" in err
+    if not torch.cuda.is_available():
+        err = expect_error(capsys, command, tiny_ckpt, inputs, tmp_path / "out", "--device", "cuda")
+        assert "--device cuda: this machine has no CUDA device; use --device cpu" in err
+    (tmp_path / "out").write_bytes(b"not a folder")
+    with pytest.raises(SystemExit):
+        run_command(command, tiny_ckpt, inputs, tmp_path / "out")
+    assert f"--out {tmp_path / 'out'} is a file; name a folder" in capsys.readouterr().err
+    assert (tmp_path / "out").read_bytes() == b"not a folder"
+
+
+def test_sample_refuses_an_unconditional_model_and_points_to_upscale(tmp_path, capsys):
+    inputs = colour_images(tmp_path / "in", "a.png")
+    err = expect_error(capsys, "sample", unconditional_ckpt(tmp_path), inputs, tmp_path / "out")
+    assert "holds an unconditional model (its UNet takes 3 channels, SR3 takes 6" in err
+    assert "`upscale` (Diff-SR) runs it" in err
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_an_images_result_depends_on_the_seed_and_its_name_not_on_its_batch(tiny_ckpt, tmp_path, command):
+    inputs = colour_images(tmp_path / "in", "a.png", "b.png", "c.png")
+    noisy = ["--sampler", "ddpm"] + (
+        ["--noise-level", "1"] if command == "upscale" else []
+    )  # from pure noise
+    batch = ["--batch-size", "3"] if command == "sample" else []
+    run_command(command, tiny_ckpt, inputs, tmp_path / "all", *noisy, *batch)
+    run_command(command, tiny_ckpt, inputs / "b.png", tmp_path / "alone", *noisy)
+    run_command(command, tiny_ckpt, inputs / "b.png", tmp_path / "seed1", *noisy, "--seed", "1")
+    suffix = "_sr.png" if command == "sample" else "_diffsr.png"
+    result = {
+        run: np.asarray(Image.open(tmp_path / run / f"b{suffix}"), dtype=int)
+        for run in ("all", "alone", "seed1")
+    }
+    assert np.abs(result["all"] - result["alone"]).max() <= 1  # in a batch of 3 or alone: the same noise
+    assert np.abs(result["alone"] - result["seed1"]).max() > 10
+
+
+def test_upscale_json_keeps_the_records_of_earlier_runs_into_the_folder(tiny_ckpt, tmp_path, caplog):
+    inputs, out = colour_images(tmp_path / "in", "a.png", "b.png"), tmp_path / "out"
+    run_command("upscale", tiny_ckpt, inputs / "a.png", out)
+    run_command("upscale", tiny_ckpt, inputs, out, "--seed", "3")  # a.png is made again
+    run_command("upscale", tiny_ckpt, inputs / "b.png", out, "--seed", "4")
+    images = json.loads((out / "upscale.json").read_text())["images"]
+    assert [(Path(r["input"]).name, r["seed"]) for r in images] == [("a.png", 3), ("b.png", 4)]
+    assert "keeping the records of 1 earlier images there" in caplog.text
+
+
+def test_sample_warns_about_cropping_and_caps_its_sheet(tiny_ckpt, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(sample, "SHEET_ROWS", 2)
+    inputs = colour_images(tmp_path / "in", "a.png", "b.png")
+    Image.new("RGB", (12, 8)).save(inputs / "wide.png")
+    run_command("sample", tiny_ckpt, inputs, tmp_path / "out")
+    assert (
+        "1 input(s) are not square; only their centre square is super-resolved: wide.png (12x8)"
+        in caplog.text
+    )
+    assert (
+        len(list((tmp_path / "out").glob("*_sr.png"))) == 3 and "(the sheet shows the first 2)" in caplog.text
+    )
+    assert Image.open(tmp_path / "out" / "sheet.png").height == 12 + 2 * (32 + 2) + 2  # title + 2 rows

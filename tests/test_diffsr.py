@@ -331,6 +331,24 @@ def test_calibrate_on_a_corrupt_shard_names_its_own_fix(
     assert "on_corrupt" not in err, err
 
 
+def test_calibrate_refuses_hr_images_smaller_than_the_model(tiny_ckpt, make_domain_shards, tmp_path, capsys):
+    shards = make_domain_shards("thumbs", 2, lr=4, hr=16).parent  # the tiny model works at 32 px
+    argv = [
+        "diffsr-calibrate",
+        "--ckpt",
+        str(tiny_ckpt),
+        "--data",
+        str(shards),
+        "--out",
+        str(tmp_path / "x.json"),
+    ]
+    with pytest.raises(SystemExit):
+        cli_main([*argv, "--lpips", "false", *FAST])
+    err = capsys.readouterr().err
+    assert "the HR images of thumbs (16 px) are smaller than the model's 32 px" in err
+    assert "make_shards --hr 32" in err and not (tmp_path / "x.json").exists()
+
+
 def test_target_size_rounds_each_side():
     assert target_size((13, 11), scale=2.7) == ((35, 30), 30 / 11)  # the scale the pixels really have
     assert target_size((1, 1), scale=2.5) == ((2, 2), 2.0)

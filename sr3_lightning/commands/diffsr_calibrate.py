@@ -118,6 +118,13 @@ def load_hr_images(data: Path, domains: list[str] | None, limit: int, size: int)
         indexes = [i for i in indexes if i.domain in domains]
     if not indexes:
         raise FileNotFoundError(f"--data {data} holds no {INDEX_NAME} (itself or one level down)")
+    small = [f"{i.domain} ({i.hr_size} px)" for i in indexes if i.hr_size < size]
+    if small:
+        raise ValueError(
+            f"--data {data}: the HR images of {', '.join(small)} are smaller than the model's {size} px; "
+            "calibrating on enlarged images measures nothing. Make shards at the model's size "
+            f"(make_shards --hr {size}) or leave these domains out (--domains)"
+        )
     names, images = [], []
     for index in indexes:
         hint = "leave the bad samples out: drop the domain from --domains or lower --limit"

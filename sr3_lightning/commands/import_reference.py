@@ -22,13 +22,22 @@ def parser() -> ArgumentParser:
         "--config", type=Path | None, default=None, help="reference config JSON it was trained with"
     )
     p.add_argument("--norm-groups", type=int | None, default=None, help="GroupNorm groups if no config (32)")
+    p.add_argument(
+        "--image-size", type=int | None, default=None, help="HR size trained at, if no config (128)"
+    )
+    p.add_argument("--dropout", type=float | None, default=None, help="UNet dropout if no config (0.2)")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint, e.g. ffhq_16_128.ckpt")
     return p
 
 
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
-    ref = load_reference(args.gen, args.opt, config=args.config, norm_groups=args.norm_groups)
+    if args.out.is_dir():
+        raise CheckpointError(
+            f"--out {args.out} is a folder; name the checkpoint file, e.g. {args.out}/ffhq.ckpt"
+        )
+    unstored = {"norm_groups": args.norm_groups, "image_size": args.image_size, "dropout": args.dropout}
+    ref = load_reference(args.gen, args.opt, config=args.config, **unstored)
     spec = ref.schedule_spec
     if spec["kind"] == "stored":
         raise CheckpointError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import zipfile
@@ -24,6 +25,7 @@ from sr3_lightning.images import (
 from sr3_lightning.module import SR3Module
 
 log = logging.getLogger(__name__)
+SHEET_ROWS = 16  # sheet.png shows the first inputs; every result is its own PNG
 
 
 def parser() -> ArgumentParser:
@@ -38,13 +40,24 @@ def parser() -> ArgumentParser:
         "--lr-size", type=int | None, default=None, help="first crop/resize inputs to this LR size"
     )
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="with the file name, seeds each image's noise")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
+def check_device(device: str) -> None:
+    """A device this machine lacks is named as such (torch's error would blame the checkpoint)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"--device {device}: {err}; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+
+
 def load_model(ckpt: Path, device: str) -> SR3Module:
     """Our checkpoint, in eval mode, with a clear error for anything else (torch's own is misleading)."""
+    check_device(device)
     if not ckpt.is_file():
         raise FileNotFoundError(
             f"checkpoint {ckpt} does not exist; train one with `fit` or convert a reference "
@@ -60,12 +73,27 @@ def load_model(ckpt: Path, device: str) -> SR3Module:
         model = SR3Module.load_from_checkpoint(ckpt, map_location=device)
     except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, TypeError, AttributeError) as err:
         why = "its contents cannot be unpickled" if isinstance(err, pickle.UnpicklingError) else str(err)
+        detail = " ".join(line.strip() for line in why.splitlines()[:2])[:400]  # state_dict: 1st mismatch
         raise ValueError(
             f"checkpoint {ckpt} is not an sr3-lightning checkpoint or is corrupt ({type(err).__name__}: "
-            f"{why.splitlines()[0][:200] if why else '-'}). Use a .ckpt written by `fit`, or convert "
+            f"{detail or '-'}). Use a .ckpt written by `fit`, or convert "
             "reference *_gen.pth files with `import-reference` first."
         ) from None
     return model.eval()
+
+
+def check_steps(steps: int | None, model: SR3Module) -> None:
+    """Respacing can only keep steps the model's chain has."""
+    total = model.hparams.num_timesteps
+    if steps is not None and steps > total and model.hparams.objective == "diffusion":
+        raise ValueError(f"--steps {steps}: this model's chain has {total} steps; use 1..{total}")
+
+
+def image_generator(seed: int, name: str, device: str) -> torch.Generator:
+    """Noise for one image from --seed and its file name: its result does not depend on the batch size
+    or on which other images are in the folder."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def check_args(args: Namespace) -> None:
@@ -78,6 +106,8 @@ def check_args(args: Namespace) -> None:
         raise ValueError(f"--lr-size {args.lr_size}: use a positive size in px, or leave it out")
     if args.eta < 0:
         raise ValueError(f"--eta {args.eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; name a folder for the results")
 
 
 def prepare_input(img: Image.Image, hr_size: int, lr_size: int | None) -> tuple[Image.Image, Image.Image]:
@@ -88,18 +118,36 @@ def prepare_input(img: Image.Image, hr_size: int, lr_size: int | None) -> tuple[
     return lr, resize_and_crop(lr, hr_size)
 
 
-def warn_if_larger(files: list[Path], hr_size: int) -> None:
-    """SR3 works at the model's size: an input larger than it is shrunk first, which the user should know."""
-    larger = []
+def warn_about_shapes(files: list[Path], hr_size: int, lr_size: int | None) -> None:
+    """SR3 works on squares of the model's size: what does not fit is cropped or shrunk, and said."""
+    larger, cropped = [], []
     for path in files:
         with Image.open(path) as img:
-            if max(img.size) > hr_size:
-                larger.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
+            name = f"{path.name} ({img.size[0]}x{img.size[1]})"
+            if lr_size is None and max(img.size) > hr_size:
+                larger.append(name)
+            if img.size[0] != img.size[1]:
+                cropped.append(name)
+    if cropped:
+        log.warning(
+            "%d input(s) are not square; only their centre square is super-resolved: %s. "
+            "`upscale` (Diff-SR) keeps the whole image",
+            *(len(cropped), ", ".join(cropped[:5]) + (" ..." if len(cropped) > 5 else "")),
+        )
     if larger:
         log.warning(
             "%d input(s) are larger than the model's %d px and are shrunk to it, not super-resolved: %s. "
             "For LR inputs pass --lr-size; to enlarge large images use `upscale` (Diff-SR, tiles)",
             *(len(larger), hr_size, ", ".join(larger[:5]) + (" ..." if len(larger) > 5 else "")),
+        )
+
+
+def check_conditional(model: SR3Module, ckpt: Path) -> None:
+    channels = model.sampling_unet.config.in_channel
+    if channels != 6:
+        raise ValueError(
+            f"{ckpt} holds an unconditional model (its UNet takes {channels} channels, SR3 takes 6: "
+            "the LR upsample and the noisy image); `sample` needs SR3. `upscale` (Diff-SR) runs it."
         )
 
 
@@ -110,21 +158,30 @@ def main(argv: list[str]) -> None:
     check_output_names(files, "_sr.png")
     check_readable(files)
     model = load_model(args.ckpt, args.device)
+    check_conditional(model, args.ckpt)
+    check_steps(args.steps, model)
     hr_size = model.unet.config.image_size
+    warn_about_shapes(files, hr_size, args.lr_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
     rows, nfe = [], 0
-    if args.lr_size is None:
-        warn_if_larger(files, hr_size)
     for start in tqdm(range(0, len(files), args.batch_size), desc="super-resolving", unit="batch"):
         batch = files[start : start + args.batch_size]
         pairs = [prepare_input(Image.open(f), hr_size, args.lr_size) for f in batch]
         lr_up = torch.stack([to_tensor(up) for _, up in pairs]).to(args.device)
-        result = model.super_resolve(lr_up, args.sampler, args.steps, args.eta, generator=gen, progress=True)
+        gens = [image_generator(args.seed, f.name, args.device) for f in batch]
+        result = model.super_resolve(lr_up, args.sampler, args.steps, args.eta, generator=gens, progress=True)
         nfe = result.nfe
         for path, (lr, up), sr in zip(batch, pairs, result.images):
             sr_img = from_tensor(sr)
             sr_img.save(args.out / f"{path.stem}_sr.png")
-            rows.append([lr.resize(up.size, Image.NEAREST), up, sr_img])
+            if len(rows) < SHEET_ROWS:
+                rows.append([lr.resize(up.size, Image.NEAREST), up, sr_img])
     save_sheet(rows, ["LR", "bicubic", "SR"], args.out / "sheet.png")
-    log.info("wrote %d images and sheet.png to %s (%d network evaluations each)", len(files), args.out, nfe)
+    shown = "" if len(files) <= SHEET_ROWS else f" (the sheet shows the first {SHEET_ROWS})"
+    log.info(
+        "wrote %d images and sheet.png%s to %s (%d network evaluations each)",
+        len(files),
+        shown,
+        args.out,
+        nfe,
+    )

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from jsonargparse import ArgumentParser, Namespace
 from PIL import Image
+from tqdm.auto import tqdm
 
-from sr3_lightning.commands.sample import load_model
+from sr3_lightning.commands.sample import check_steps, image_generator, load_model
 from sr3_lightning.data.degradations import to_rgb
 from sr3_lightning.diffsr.noise_level import choose_level, load_prf_table, parse_noise_level
 from sr3_lightning.diffsr.upscale import SAMPLERS, bicubic_to, check_scale, diffsr, parse_size, target_size
@@ -42,7 +43,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--steps", type=int | None, default=None, help="respaced steps K (default: all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--tile-overlap", type=int | None, default=None, help="px (default: model size / 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="with the file name, seeds each image's noise")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -61,6 +62,8 @@ def check_args(args: Namespace) -> tuple[float | str, tuple[int, int] | None, di
         raise ValueError(f"--eta {args.eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
     if args.tile_overlap is not None and args.tile_overlap < 0:
         raise ValueError(f"--tile-overlap {args.tile_overlap}: use 0 or more px, or leave it out (size / 4)")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; name a folder for the results")
     table = None
     if level == "auto":
         if args.prf is None:
@@ -96,6 +99,20 @@ def check_targets(files: list[Path], scale: float | None, size: tuple[int, int] 
                 raise ValueError(f"{path}: {err}") from None
 
 
+def earlier_records(out: Path, rewritten: set[str]) -> list[dict]:
+    """Records of earlier runs into ``out`` whose images are still there and not made again now."""
+    path = out / "upscale.json"
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text())["images"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); move it away or choose another --out"
+        ) from None
+    return [r for r in records if r.get("output") not in rewritten and Path(r.get("output", "")).is_file()]
+
+
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
     level_arg, size, table = check_args(args)
@@ -106,12 +123,16 @@ def main(argv: list[str]) -> None:
     model = load_model(args.ckpt, args.device)
     if table is not None:
         warn_if_table_differs(table, args.prf, model, args.sampler, args.steps, args.eta)
+    check_steps(args.steps, model)
     conditional = model.sampling_unet.config.in_channel == 6
     mode = "SR3, conditioned on the bicubic upsample" if conditional else "unconditional"
+    outputs = {path: args.out / f"{path.stem}_diffsr.png" for path in files}
+    kept = earlier_records(args.out, {str(out) for out in outputs.values()})
     args.out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    settings = {"checkpoint": str(args.ckpt), "model": mode, "sampler": args.sampler, "steps": args.steps}
+    settings |= {"eta": args.eta, "seed": args.seed}
     records = []
-    for path in files:
+    for path in tqdm(files, desc="upscaling", unit="image", disable=len(files) == 1):
         img = to_rgb(Image.open(path))
         target, scale = target_size(img.size, args.scale, size)
         level, note, no_prf = level_arg, "given", False
@@ -128,10 +149,11 @@ def main(argv: list[str]) -> None:
             steps=args.steps,
             eta=args.eta,
             overlap=args.tile_overlap,
-            generator=gen,
+            generator=image_generator(args.seed, path.name, args.device),
+            progress=True,
         )
         seconds = time.perf_counter() - start
-        out = args.out / f"{path.stem}_diffsr.png"
+        out = outputs[path]
         from_tensor(result.images[0]).save(out)
         log.log(
             logging.WARNING if no_prf else logging.INFO,  # the note says there is no PRF and what that means
@@ -146,6 +168,7 @@ def main(argv: list[str]) -> None:
             )
         records.append(
             {
+                **settings,
                 "input": str(path),
                 "output": str(out),
                 "input_size": list(img.size),
@@ -160,6 +183,6 @@ def main(argv: list[str]) -> None:
                 "seconds": seconds,
             }
         )
-    summary = {"checkpoint": str(args.ckpt), "model": mode, "sampler": args.sampler, "steps": args.steps}
-    (args.out / "upscale.json").write_text(json.dumps({**summary, "images": records}, indent=1))
-    log.info("wrote %d images and upscale.json to %s (model: %s)", len(records), args.out, mode)
+    (args.out / "upscale.json").write_text(json.dumps({**settings, "images": kept + records}, indent=1))
+    earlier = f", keeping the records of {len(kept)} earlier images there" if kept else ""
+    log.info("wrote %d images and upscale.json to %s (model: %s)%s", len(records), args.out, mode, earlier)

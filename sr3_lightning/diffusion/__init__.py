@@ -13,8 +13,10 @@ Notation (the SR3 paper's, used everywhere in this package):
 from sr3_lightning.diffusion.losses import denoising_loss, q_sample, sample_noise_level
 from sr3_lightning.diffusion.sampling import (
     Denoiser,
+    Generators,
     SampleResult,
     conditional_denoiser,
+    gaussian_like,
     sample_ddim,
     sample_ddpm,
     sample_from_image,
@@ -24,10 +26,12 @@ from sr3_lightning.diffusion.schedule import BETA_SCHEDULES, Schedule, make_beta
 __all__ = [
     "BETA_SCHEDULES",
     "Denoiser",
+    "Generators",
     "SampleResult",
     "Schedule",
     "conditional_denoiser",
     "denoising_loss",
+    "gaussian_like",
     "make_betas",
     "make_schedule",
     "q_sample",

@@ -20,6 +20,7 @@ from sr3_lightning.diffusion.schedule import Schedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x_t, sqrt_gamma[B]) -> eps; the LR image is already bound
 NoiseFn = Callable[[int, Tensor], Tensor]  # (0-based step, x) -> the noise that step adds
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per image
 
 
 @dataclass
@@ -54,8 +55,22 @@ def p_mean_variance(
     return mean, schedule.posterior_log_variance_clipped[i]
 
 
-def _gaussian(generator: torch.Generator | None) -> NoiseFn:
-    return lambda i, x: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def gaussian_like(x: Tensor, generator: Generators = None) -> Tensor:
+    """Standard normal noise shaped like ``x``. One generator per image gives each image its own stream,
+    so an image's sample does not depend on the batch it was drawn in."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(
+            f"{len(generator)} generators for a batch of {x.shape[0]} images: give one per image"
+        )
+    return torch.stack(
+        [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator]
+    )
+
+
+def _gaussian(generator: Generators) -> NoiseFn:
+    return lambda i, x: gaussian_like(x, generator)
 
 
 def _start_index(schedule: Schedule, t_start: int | None) -> int:
@@ -94,7 +109,7 @@ def sample_ddpm(
     *,
     t_start: int | None = None,
     clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise_fn: NoiseFn | None = None,
     record: Sequence[int] | None = None,
     progress: bool = False,
@@ -125,7 +140,7 @@ def sample_ddim(
     eta: float = 0.0,
     t_start: int | None = None,
     clip_denoised: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     noise_fn: NoiseFn | None = None,
     record: Sequence[int] | None = None,
     progress: bool = False,
@@ -166,7 +181,7 @@ def sample_from_image(
     *,
     sampler: str = "ddpm",
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     record: Sequence[int] | None = None,
     progress: bool = False,
 ) -> SampleResult:
@@ -178,8 +193,7 @@ def sample_from_image(
     if t_start == 0:
         return SampleResult(images=image.clone(), nfe=0)
     sqrt_gamma = schedule.noise_level(t_start - 1, image.shape[0]).to(image.dtype)
-    noise = torch.randn(image.shape, generator=generator, device=image.device, dtype=image.dtype)
-    x_t = q_sample(image, sqrt_gamma, noise)
+    x_t = q_sample(image, sqrt_gamma, gaussian_like(image, generator))
     common = dict(t_start=t_start, generator=generator, record=record, progress=progress)
     if sampler == "ddpm":
         return sample_ddpm(denoise, x_t, schedule, **common)

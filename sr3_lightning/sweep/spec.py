@@ -211,8 +211,8 @@ def check_values(cfg: Any) -> None:
 
 def _input_problem(kind: str, *key: Any) -> str | None:
     """Why a run could not open this input (a checkpoint's name, or a domain's shard index), if it cannot."""
-    from sr3_lightning.checkpoints import resolve_reference_pair
     from sr3_lightning.data.shards import load_index
+    from sr3_lightning.init_weights import resolve_reference_pair
     from sr3_lightning.metrics import check_lpips_weights
 
     try:

@@ -1,0 +1,100 @@
+"""Where a fine-tuning run starts from: its weights and optimizer state, from one of our ``.ckpt`` files
+or a reference ``*_gen.pth`` / ``*_opt.pth`` pair, loaded strictly into the configured UNet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sr3_lightning.checkpoints import CheckpointError, check_shapes, load_reference, torch_load
+from sr3_lightning.diffusion.schedule import Schedule, make_schedule
+from sr3_lightning.models.unet import UNet
+
+# Optimizer group keys that pick a kernel, not an optimisation setting (fused is re-chosen at train start).
+KERNEL_CHOICES = frozenset({"fused", "foreach", "capturable", "differentiable"})
+
+
+def take_over_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: str) -> list[str]:
+    """Load the moments and step counts of ``state``, keeping the optimizer's configured settings.
+
+    ``Optimizer.load_state_dict`` alone would also bring back the saved lr, betas, eps and weight decay,
+    silently overriding the run's config. Returns the settings that differed, as ``lr=1e-05 (saved 0.0001)``.
+    """
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{source}: its optimizer state does not fit this run's optimizer ({err}); "
+            "set model.init_optimizer=false to start with fresh moments."
+        ) from None
+    differed = []
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        for key, value in settings.items():
+            if key not in KERNEL_CHOICES and key in group and str(group[key]) != str(value):
+                differed.append(f"{key}={value} (saved {group[key]})")
+        group.update(settings)
+    return differed
+
+
+@dataclass
+class InitWeights:
+    """Weights (and optimizer state) to start a run from, with a line saying where they came from."""
+
+    optimizer_state: dict | None
+    description: str
+    schedule: Schedule | None  # the noise schedule it was trained with, where the file says
+    schedule_spec: dict | None
+
+    def schedule_differs(self, schedule: Schedule) -> bool:
+        """True when ``schedule``'s noise levels are not the ones these weights were trained on."""
+        if self.schedule is None:
+            return False
+        theirs, ours = self.schedule.alphas_cumprod, schedule.alphas_cumprod.cpu()
+        return theirs.shape != ours.shape or not torch.allclose(theirs, ours, rtol=1e-6, atol=0)
+
+
+def resolve_reference_pair(source: str | Path) -> tuple[Path, Path | None]:
+    """``X`` / ``X_gen.pth`` -> (``X_gen.pth``, ``X_opt.pth`` when it exists): the reference's naming."""
+    text = str(source)
+    prefix = text.removesuffix(".pth").removesuffix("_gen").removesuffix("_opt")
+    gen, opt = Path(prefix + "_gen.pth"), Path(prefix + "_opt.pth")
+    if not gen.is_file():
+        raise CheckpointError(
+            f"init_from={source}: {gen} does not exist. Give a reference checkpoint prefix "
+            "(e.g. checkpoints/I640000_E37 for I640000_E37_gen.pth) or one of our .ckpt files."
+        )
+    return gen, opt if opt.is_file() else None
+
+
+def load_init_weights(source: str | Path, unet: UNet) -> InitWeights:
+    """Load ``source`` (our ``.ckpt`` or a reference prefix) into ``unet`` strictly, checking every shape."""
+    path = Path(source)
+    if path.suffix == ".ckpt":
+        ckpt = torch_load(path, "checkpoint")
+        state = ckpt.get("state_dict", {})
+        weights = {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
+        if not weights:
+            raise CheckpointError(
+                f"{path}: no unet.* weights in its state_dict; is it an sr3-lightning checkpoint?"
+            )
+        check_shapes(unet, weights, path)
+        unet.load_state_dict(weights, strict=True)
+        opt_states = ckpt.get("optimizer_states") or [None]
+        hp = ckpt.get("hyper_parameters", {})
+        keys = {
+            "kind": "beta_schedule",
+            "num_timesteps": "num_timesteps",
+            "start": "beta_start",
+            "end": "beta_end",
+        }
+        spec = {k: hp[name] for k, name in keys.items()} if all(n in hp for n in keys.values()) else None
+        schedule = make_schedule(**spec) if spec else None
+        return InitWeights(opt_states[0], f"{path} (step {ckpt.get('global_step', 0)})", schedule, spec)
+    gen, opt = resolve_reference_pair(source)
+    ref = load_reference(gen, opt, config=unet.config)
+    unet.load_state_dict(ref.unet.state_dict(), strict=True)
+    description = f"reference {gen} (iteration {ref.step}, epoch {ref.epoch})"
+    return InitWeights(ref.optimizer_state, description, ref.schedule, ref.schedule_spec)
