@@ -67,7 +67,7 @@ class SR3CLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"callbacks": [FinalCheckpoint()]},
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": "python -m sr3_lightning"},
+            parser_kwargs={"prog": "python -m sr3_lightning", "allow_abbrev": False},  # no `--model.los`
             args=args,
             **kwargs,
         )
@@ -156,7 +156,7 @@ class SR3CLI(LightningCLI):
             self.datamodule.setup(self.subcommand)
             for callback in callbacks:
                 if isinstance(callback, DomainEval):
-                    callback.check_inputs()
+                    callback.check_inputs(self.datamodule.val_domain_names)
         run_dir = run_dir_of(trainer_cfg)
         prepare_run_dir(run_dir, fresh=self.subcommand == "fit" and bool(self._get(self.config, "fresh")))
         if self.subcommand == "fit" and self.restore_from is None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sr3_lightning.runs import Run
+from sr3_lightning.runs import FIXED_KNOBS, SETTING_NAMES, Run
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _forgetting_table(runs: list[Run], used: set[int]) -> Table:
         first = present[0][1]
         bicubic = {m: f"val/{domain}/bicubic_{m}" for m in metrics}
         rows.append(
-            Row(f"{domain}: bicubic", first, last_step, bicubic, _pick(last.evals[last_step], bicubic))
+            Row(f"{domain}: bicubic", last, last_step, bicubic, _pick(last.evals[last_step], bicubic))
         )
         if 0 in first.evals:
             keys = {m: f"val/{domain}/{m}" for m in metrics}
@@ -129,10 +130,31 @@ def _forgetting_table(runs: list[Run], used: set[int]) -> Table:
     return Table(title, columns, rows, [label for label, run, _ in found if run is None])
 
 
+def study_runs(runs: list[Run]) -> list[Run]:
+    """The runs that share the study's fixed knobs (each knob's most common value): only they fill Tables
+    1-4, so a run with another learning rate or starting point cannot stand in for a study row."""
+    setup = {k: Counter(str(r.settings[k]) for r in runs).most_common(1)[0][0] for k in FIXED_KNOBS}
+    inside = [r for r in runs if all(str(r.settings[k]) == setup[k] for k in FIXED_KNOBS)]
+    for r in runs:
+        differ = [
+            f"{SETTING_NAMES[k]}={r.settings[k]} (study: {setup[k]})"
+            for k in FIXED_KNOBS
+            if str(r.settings[k]) != setup[k]
+        ]
+        if differ:
+            log.warning(
+                "%s differs from the study's setup in %s: listed under Other runs",
+                r.source,
+                ", ".join(differ),
+            )
+    return inside
+
+
 def build_tables(runs: list[Run]) -> list[Table]:
     """Tables 1-4 of the study (the rows found in the runs), then every other run at its listed steps."""
     used: set[int] = set()
     runs = sorted(runs, key=lambda r: r.source)
+    study = study_runs(runs)
     t1 = [
         (f"{loss.upper()}, {s} steps", BASE | {"loss": loss}, s)
         for loss, steps in STEPS.items()
@@ -142,11 +164,11 @@ def build_tables(runs: list[Run]) -> list[Table]:
     t3 = [(f"t in [{a}, {b}]", BASE | {"t_min": a, "t_max": b}, 2000) for a, b in T_RANGES]
     tables = [
         _domain_table(
-            "Table 1: fine-tuning steps and loss (128 images, t in [1, 2000])", _find(runs, t1, used), runs
+            "Table 1: fine-tuning steps and loss (128 images, t in [1, 2000])", _find(study, t1, used), runs
         ),
-        _domain_table("Table 2: training images (L1, 2000 steps)", _find(runs, t2, used), runs),
-        _domain_table("Table 3: timestep range (L1, 128 images, 2000 steps)", _find(runs, t3, used), runs),
-        _forgetting_table(runs, used),
+        _domain_table("Table 2: training images (L1, 2000 steps)", _find(study, t2, used), runs),
+        _domain_table("Table 3: timestep range (L1, 128 images, 2000 steps)", _find(study, t3, used), runs),
+        _forgetting_table(study, used),
     ]
     others = [r for r in runs if id(r) not in used and r.settings["objective"] != "regression"]
     found = [
@@ -244,7 +266,7 @@ def plot_metrics(runs: list[Run], out: Path) -> list[Path]:
 def write_report(runs: list[Run], out: Path, skipped: list[str] | None = None) -> Path:
     """``report.md`` (tables, plots, cost), ``report.csv`` and the PNG plots in ``out``; returns report.md.
 
-    ``skipped``: the runs left out for having no evaluation metrics, one line each, listed under the runs.
+    ``skipped``: the runs left out (no evaluation metrics, failed, not finished), one line each with why.
     """
     out.mkdir(parents=True, exist_ok=True)
     tables = build_tables(runs)
@@ -256,7 +278,7 @@ def write_report(runs: list[Run], out: Path, skipped: list[str] | None = None) -
         for r in sorted(runs, key=lambda r: r.source)
     ]
     if skipped:
-        lines += ["", f"Skipped {len(skipped)} run(s) without evaluation metrics:", ""]
+        lines += ["", f"Left out {len(skipped)} run(s):", ""]
         lines += [f"- {line}" for line in skipped]
     lines += [
         "",

@@ -22,7 +22,19 @@ log = logging.getLogger(__name__)
 KEY = re.compile(
     r"^(val|forget)/([^/]+)/((?:bicubic_)?(?:psnr|ssim|lpips|lpips_random|consistency|diversity))$"
 )
+# Knobs a study keeps fixed: a table row is only filled by runs that share the study's values of these.
+FIXED_KNOBS = (
+    "optimizer",
+    "init_from",
+    "ema_decay",
+    "t_sampling",
+    "subset_seed",
+    "train_domain",
+    "batch_size",
+)
+FIXED_KNOBS += ("beta_schedule", "num_timesteps")
 SETTING_NAMES = {"loss": "loss", "limit": "images", "t_min": "t_min", "t_max": "t_max"}  # run labels
+SETTING_NAMES |= {k: k for k in FIXED_KNOBS}
 
 
 @dataclass
@@ -57,10 +69,19 @@ class Run:
         return list(dict.fromkeys(KEY.match(k).group(2) for k in keys if k.startswith("val/")))
 
 
+def _optimizer(model: dict[str, Any]) -> str:
+    opt = model.get("optimizer")
+    if not isinstance(opt, dict):
+        return "default"
+    args = ", ".join(f"{k}={v}" for k, v in sorted((opt.get("init_args") or {}).items()))
+    return f"{str(opt.get('class_path', '?')).rsplit('.', 1)[-1]}({args})"
+
+
 def settings_of(config: dict[str, Any]) -> dict[str, Any]:
-    """The study's knobs from a resolved fit config (t_max None = T)."""
+    """The study's knobs from a resolved fit config (t_max None = T), and those it keeps fixed."""
     model, trainer = config.get("model") or {}, config.get("trainer") or {}
-    train = (config.get("data") or {}).get("train") or {}
+    data = config.get("data") or {}
+    train = data.get("train") or {}
     return {
         "objective": model.get("objective", "diffusion"),
         "loss": model.get("loss", "l1"),
@@ -68,6 +89,15 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
         "t_min": model.get("t_min", 1),
         "t_max": model.get("t_max") or model.get("num_timesteps", 2000),
         "max_steps": trainer.get("max_steps"),
+        "optimizer": _optimizer(model),
+        "init_from": model.get("init_from"),
+        "ema_decay": model.get("ema_decay"),
+        "t_sampling": model.get("t_sampling", "batch"),
+        "subset_seed": train.get("subset_seed"),
+        "train_domain": train.get("domain"),
+        "batch_size": data.get("batch_size"),
+        "beta_schedule": model.get("beta_schedule", "linear"),
+        "num_timesteps": model.get("num_timesteps", 2000),
     }
 
 
@@ -141,22 +171,38 @@ def read_run_dir(run_dir: Path, seconds: float | None = None) -> Run:
     return make_run(run_dir.name, str(run_dir), config, rows, "step", seconds, log_name)
 
 
-def _local_runs(path: Path, depth: int = 0) -> list[Run]:
+def _local_runs(path: Path, left_out: list[str], depth: int = 0) -> list[Run]:
+    """Runs under ``path``; runs of a local sweep that did not finish are named in ``left_out``."""
     from sr3_lightning.sweep.local import read_records
 
     if (path / "config.yaml").is_file():
         return [read_run_dir(path)]
     records = read_records(path)
     if records:  # a local sweep directory: its finished runs only
-        done = {r["run_id"]: r for r in records if r["state"] == "finished"}
-        unfinished = [p.name for p in path.iterdir() if (p / "config.yaml").is_file() and p.name not in done]
-        if unfinished:
-            log.warning("%s: skipping %d unfinished run(s): %s", path, len(unfinished), ", ".join(unfinished))
-        return [read_run_dir(path / rid, r.get("seconds")) for rid, r in sorted(done.items())]
+        last = {r["run_id"]: r for r in records}  # a retried run's latest record
+        done = {rid: r for rid, r in last.items() if r["state"] == "finished"}
+        gone = [rid for rid in done if not (path / rid / "config.yaml").is_file()]
+        left_out += [f"{path / rid}: recorded as finished, but its config.yaml is gone" for rid in gone]
+        left_out += [
+            f"{path / rid}: failed (exit {r.get('exit_code')}; log: {path / 'logs' / (rid + '.log')}); "
+            "relaunch the sweep to retry it"
+            for rid, r in sorted(last.items())
+            if r["state"] != "finished"
+        ]
+        unfinished = [
+            p for p in sorted(path.iterdir()) if (p / "config.yaml").is_file() and p.name not in last
+        ]
+        left_out += [f"{p}: not finished (running, or cut off: relaunch the sweep)" for p in unfinished]
+        return [
+            read_run_dir(path / rid, r.get("seconds")) for rid, r in sorted(done.items()) if rid not in gone
+        ]
     if depth >= 3 or not path.is_dir():
         return []
     return [
-        run for child in sorted(path.iterdir()) if child.is_dir() for run in _local_runs(child, depth + 1)
+        run
+        for child in sorted(path.iterdir())
+        if child.is_dir()
+        for run in _local_runs(child, left_out, depth + 1)
     ]
 
 
@@ -194,6 +240,7 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
     evaluation metrics cannot fill a table or plot, so they are returned apart (one line each, with the fix)
     and named in a warning. ValueError when no run has metrics."""
     runs: dict[str, Run] = {}
+    left_out: list[str] = []
     for source in sources:
         if source.startswith("wandb:"):
             found = _wandb_runs(source.removeprefix("wandb:"))
@@ -202,7 +249,7 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
                 f"{source} does not exist (a run directory, a sweep directory or wandb:E/P)"
             )
         else:
-            found = _local_runs(Path(source))
+            found = _local_runs(Path(source), left_out)
         if not found:
             where = (
                 "W&B holds no finished runs there"
@@ -220,15 +267,27 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
         )
     if skipped:
         log.warning("skipping %d run(s) without evaluation metrics: %s", len(skipped), "; ".join(skipped))
+    partial = [r for r in out if r.listed_steps and max(r.listed_steps) not in r.evals]
+    left_out += [
+        f"{r.source}: stopped before its last evaluation (evaluated up to step {max(r.evals)} of "
+        f"{max(r.listed_steps)}); resume it to report it"
+        for r in partial
+    ]
+    out = [r for r in out if all(r is not p for p in partial)]
+    if left_out:
+        log.warning("leaving out %d run(s) that did not finish: %s", len(left_out), "; ".join(left_out))
+    if not out:
+        raise ValueError("no run finished, so there is nothing to report: " + "; ".join(left_out))
     _label(out)
-    return out, skipped
+    return out, skipped + left_out
 
 
 def _label(runs: list[Run]) -> None:
     """Name each run by the settings that vary between the runs (plus its name where that is ambiguous)."""
     varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in runs}) > 1]
     for r in runs:
-        r.label = ", ".join(f"{SETTING_NAMES[k]}={r.settings[k]}" for k in varying) or r.name
+        shown = {k: "all" if k == "limit" and r.settings[k] is None else r.settings[k] for k in varying}
+        r.label = ", ".join(f"{SETTING_NAMES[k]}={v}" for k, v in shown.items()) or r.name
     labels = [(r.label, r.settings["objective"]) for r in runs]
     for r in runs:
         r.label += f" ({r.name})" if labels.count((r.label, r.settings["objective"])) > 1 else ""

@@ -7,6 +7,7 @@ The runs here are run directories written the way a finished run leaves them (``
 """
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -34,11 +35,14 @@ def write_run(
     objective="diffusion",
     max_steps=2000,
     at_steps=(400, 1200, 1600, 2000),
+    stopped_at=None,
+    model=(),
 ) -> Path:
     run_dir = root / name
     run_dir.mkdir(parents=True)
     config = {
-        "model": {"loss": loss, "t_min": t[0], "t_max": t[1], "objective": objective, "num_timesteps": 2000},
+        "model": {"loss": loss, "t_min": t[0], "t_max": t[1], "objective": objective, "num_timesteps": 2000}
+        | dict(model),
         "data": {"train": {"domain": "anime", "shards": "data/shards/anime", "limit": limit}},
         "trainer": {
             "max_steps": max_steps,
@@ -60,7 +64,7 @@ def write_run(
     with (run_dir / "metrics.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, ["step", "train/loss", "val/anime/loss", *keys])
         writer.writeheader()
-        for step in (0, *at_steps):
+        for step in (0, *(s for s in at_steps if stopped_at is None or s <= stopped_at)):
             writer.writerow({"step": step, "val/anime/loss": 0.5})  # the validation loop's own row
             row = {"step": step}
             for key in keys:
@@ -148,6 +152,44 @@ def test_report_lays_out_the_study_tables_at_their_steps(study_runs, tmp_path):
         assert (out / f"{plot}.png").stat().st_size > 1000 and f"![{plot}]({plot}.png)" in text
 
 
+def test_only_finished_runs_of_the_studys_setup_fill_the_tables(study_runs, tmp_path, caplog):
+    lr = {"optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001}}}
+    write_run(study_runs / "steps", "a_lr1e-3", at_steps=(400, 2000), model=lr)
+    write_run(
+        study_runs / "steps", "a_stopped", loss="l2", max_steps=18000, at_steps=(400, 18000), stopped_at=5000
+    )
+    out = tmp_path / "report"
+    cli_main(["report", str(study_runs), "--out", str(out)])
+    with (out / "report.csv").open() as f:
+        sources = {(r["table"][:7], r["row"]): Path(r["run"]).name for r in csv.DictReader(f)}
+    assert sources[("Table 1", "L1, 400 steps")] == "l1" and sources[("Table 1", "L2, 400 steps")] == "l2"
+    assert (
+        "a_lr1e-3 differs from the study's setup in optimizer=Adam(lr=0.001) (study: default)" in caplog.text
+    )
+    assert any(
+        row.endswith("optimizer=Adam(lr=0.001), 400 steps") for table, row in sources if table == "Other r"
+    )
+    text = (out / "report.md").read_text()
+    assert "a_stopped: stopped before its last evaluation (evaluated up to step 400 of 18000)" in text
+    assert "a_stopped" not in set(sources.values())
+
+
+def test_a_sweeps_failed_and_vanished_runs_are_named_in_the_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_run(sweep, "l1-ok")
+    write_run(sweep, "l1-gone").joinpath("config.yaml").unlink()
+    write_run(sweep, "l2-bad", loss="l2")
+    records = [("l1-ok", "finished", 0), ("l1-gone", "finished", 0), ("l2-bad", "failed", 1)]
+    lines = [json.dumps({"run_id": r, "state": st, "exit_code": c, "params": {}}) for r, st, c in records]
+    (sweep / "runs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report"
+    cli_main(["report", str(sweep), "--out", str(out)])
+    text = (out / "report.md").read_text()
+    assert "1 finished run(s):" in text and "Left out 2 run(s):" in text
+    assert f"{sweep / 'l1-gone'}: recorded as finished, but its config.yaml is gone" in text
+    assert f"{sweep / 'l2-bad'}: failed (exit 1; log: {sweep / 'logs' / 'l2-bad.log'})" in text
+
+
 def test_report_errors_name_the_input(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     for source, message in (
@@ -179,7 +221,7 @@ def test_report_names_runs_without_metrics_and_fails_when_none_has_any(tmp_path,
     assert "add sr3_lightning.callbacks.DomainEval to trainer.callbacks" in warning
     assert "never logged an evaluation" in warning
     text = (out / "report.md").read_text()
-    assert "1 finished run(s):" in text and "Skipped 2 run(s) without evaluation metrics:" in text
+    assert "1 finished run(s):" in text and "Left out 2 run(s):" in text
     assert f"- {no_eval}: no DomainEval metrics" in text
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["report", str(no_eval), str(bare), "--out", str(tmp_path / "none")])

@@ -4,6 +4,7 @@ backend killed after its first run resumes so that every grid point runs exactly
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,6 +69,15 @@ def test_bad_sweeps_and_gpus_fail_before_any_run(tmp_path, capsys, monkeypatch):
     good = (REPO / "sweeps/steps.yaml").read_text()
     err = sweep_error(tmp_path, capsys, good.replace("model.loss:", "model.lossy:"))
     assert "model.lossy" in err and "unrecognized" in err
+    err = sweep_error(tmp_path, capsys, good.replace("model.loss:", "model.los:"))  # no prefix matching
+    assert "model.los" in err and "unrecognized" in err
+    err = sweep_error(tmp_path, capsys, good.replace("{values: [l1, l2]}", "[l1, l2]"))
+    assert "not a valid W&B sweep" in err and "write a parameter as {values: [...]}" in err
+    assert "Traceback" not in err
+    no_metric = good.replace("method: grid", "method: bayes").replace(
+        "metric: {name: val/anime/psnr, goal: maximize}\n", ""
+    )
+    assert "a bayes sweep needs the metric it optimises" in sweep_error(tmp_path, capsys, no_metric)
     err = sweep_error(tmp_path, capsys, good.replace("[l1, l2]", "[l1, l3]"))
     assert "model.loss" in err and "l3" in err
     assert "'gridx' is not one of" in sweep_error(
@@ -119,6 +129,12 @@ def test_check_runs_the_model_and_data_checks_on_every_combination(
     err = sweep_error(tmp_path, capsys, smoke.replace(objective, pairs))
     assert "rejects 2 of 8" in err and "t_min must not exceed t_max" in err
     assert "--model.loss=l1 --model.t_max=50 --model.t_min=80" in err
+    err = sweep_error(tmp_path, capsys, smoke.replace("{domain: ffhq,", "{domain: celebahq,"))
+    assert "rejects 4 of 4" in err and "original_domains ['ffhq'] are not val domains" in err
+    err = sweep_error(tmp_path, capsys, smoke.replace(objective, "  optimizer: {value: torch.optim.SGD}\n"))
+    assert "--optimizer is not used by sr3-lightning: set model.optimizer instead" in err
+    err = sweep_error(tmp_path, capsys, smoke.replace(objective, "  data.train.limit: {values: [8, 23]}\n"))
+    assert "rejects 2 of 4" in err and "limit 23 but" in err and "holds 24 images, 2 of them held out" in err
     cli_main(["sweep", "sweeps/smoke.yaml", "--check"])  # the good grid passes
 
 
@@ -206,10 +222,10 @@ def test_local_backend_runs_the_agents_command(monkeypatch):
 
 
 def test_local_backend_records_failures_retries_them_on_relaunch_and_needs_count_for_random(tmp_path):
-    # A stand-in for fit: records its arguments, creates its run directory, fails for l2.
+    # A stand-in for fit: records its arguments, creates its run directory and config, fails for l2.
     script = (
-        'mkdir -p "$SR3_SWEEP_DIR/$WANDB_RUN_ID"; echo "$*" >> "$SR3_SWEEP_DIR/../calls"; '
-        'case "$*" in *l2*) exit 1;; esac'
+        'mkdir -p "$SR3_SWEEP_DIR/$WANDB_RUN_ID"; touch "$SR3_SWEEP_DIR/$WANDB_RUN_ID/config.yaml"; '
+        'echo "$*" >> "$SR3_SWEEP_DIR/../calls"; case "$*" in *l2*) exit 1;; esac'
     )
     command = ["${env}", "sh", "-c", script, "sh", "${args}"]
     config = {"method": "grid", "parameters": {"model.loss": {"values": ["l1", "l2"]}}, "command": command}
@@ -219,6 +235,11 @@ def test_local_backend_records_failures_retries_them_on_relaunch_and_needs_count
         assert ended[-1]["state"] == "failed" and ended[-1]["exit_code"] == 1
     calls = (tmp_path / "calls").read_text().splitlines()
     assert sum("--model.loss=l1" in c for c in calls) == 1 and sum("--model.loss=l2" in c for c in calls) == 2
+    (l1_dir,) = [d for d in sweep_dir.iterdir() if d.name.startswith("l1")]
+    shutil.rmtree(l1_dir)  # a finished run whose directory is gone is done again
+    run_local(Sweep(tmp_path / "s.yaml", config, []), sweep_dir)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum("--model.loss=l1" in c for c in calls) == 2 and (l1_dir / "config.yaml").is_file()
     with pytest.raises(ValueError, match="different sweep"):
         run_local(Sweep(tmp_path / "s.yaml", {**config, "method": "random"}, []), sweep_dir, count=1)
     random_sweep = Sweep(tmp_path / "s.yaml", {**config, "method": "random"}, [])

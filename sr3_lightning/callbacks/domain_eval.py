@@ -120,10 +120,21 @@ class DomainEval(Callback):
         self._lpips_model: torch.nn.Module | None = None
         self._run_dir: Path | None = None
 
-    def check_inputs(self) -> None:
-        """The files evaluation will need, looked up before a run starts: the LPIPS AlexNet weights."""
+    def check_inputs(self, val_names: list[str] | None = None) -> None:
+        """What evaluation will need, checked before a run starts: the LPIPS AlexNet weights, and the
+        original domains among the val domains (when ``val_names`` is given)."""
+        if val_names is not None:
+            self.check_domains(val_names)
         if self.lpips and self.lpips_backbone == "pretrained":
             check_lpips_weights()
+
+    def check_domains(self, val_names: list[str]) -> None:
+        unknown = sorted(set(self.original_domains) - set(val_names))
+        if unknown:
+            raise ValueError(
+                f"original_domains {unknown} are not val domains; the val domains are {val_names}: "
+                "add them to data.val or correct the DomainEval callback's original_domains"
+            )
 
     @property
     def state_key(self) -> str:
@@ -187,10 +198,7 @@ class DomainEval(Callback):
 
     def _compute(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, float]:
         domains = val_domains(trainer)
-        names = [name for name, _ in domains]
-        unknown = sorted(set(self.original_domains) - set(names))
-        if unknown:
-            raise ValueError(f"original_domains {unknown} are not val domains; the val domains are {names}")
+        self.check_domains([name for name, _ in domains])
         was_training = pl_module.training
         pl_module.eval()
         try:

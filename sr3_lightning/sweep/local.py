@@ -224,6 +224,15 @@ def run_local(
     sweep_dir = Path(sweep_dir).resolve()
     _claim(sweep_dir, sweep)
     finished = {r["run_id"]: r for r in read_records(sweep_dir) if r["state"] == "finished"}
+    gone = [rid for rid in finished if not (sweep_dir / rid / "config.yaml").is_file()]
+    if gone:
+        log.warning(
+            "%s: redoing %d finished run(s) whose directory is gone: %s",
+            sweep_dir,
+            len(gone),
+            ", ".join(gone),
+        )
+    finished = {rid: r for rid, r in finished.items() if rid not in gone}
     if finished:
         log.info("%s: %d finished run(s) are kept and skipped", sweep_dir, len(finished))
     launch = _Launch(sweep, sweep_dir, list(finished.values()), count)
@@ -248,7 +257,7 @@ def run_local(
     if stop.signum:
         log.warning("sweep stopped by signal %d; run the same command again to resume", stop.signum)
         raise SystemExit(128 + stop.signum)
-    _summarise(sweep_dir, launch.ended, launch.exhausted)
+    _summarise(sweep_dir, launch.ended, launch.exhausted, sweep.method)
     return launch.ended
 
 
@@ -276,7 +285,7 @@ def _start(
         env["CUDA_VISIBLE_DEVICES"] = device
     log_path = sweep_dir / "logs" / f"{run_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as out:
+    with log_path.open("a") as out:  # a continued or retried run keeps the log of its earlier launches
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     where = "CPU/default device" if device is None else f"GPU {device}"
     log.info("start %s on %s: %s (log: %s)", run_id, where, " ".join(parameter_flags(params)), log_path)
@@ -322,15 +331,18 @@ def _add_seconds(run_dir: Path, seconds: float) -> float:
     return total
 
 
-def _summarise(sweep_dir: Path, ended: list[dict[str, Any]], exhausted: bool) -> None:
+def _summarise(sweep_dir: Path, ended: list[dict[str, Any]], exhausted: bool, method: str) -> None:
     records = read_records(sweep_dir)
     done = {r["run_id"] for r in records if r["state"] == "finished"}
     failed = [r["run_id"] for r in ended if r["state"] == "failed"]
+    retry = (
+        "retried on relaunch" if method == "grid" else f"a relaunch of this {method} sweep draws new values"
+    )
     log.info(
         "%s: %d run(s) ended in this launch, %d finished in total%s%s",
         sweep_dir,
         len(ended),
         len(done),
         "; the search space is exhausted" if exhausted else "",
-        f"; FAILED (retried on relaunch): {', '.join(failed)}" if failed else "",
+        f"; FAILED ({retry}): {', '.join(failed)}" if failed else "",
     )

@@ -64,7 +64,14 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ValueError(f"{path} is not YAML: {err}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} is not a W&B sweep: expected a mapping with method, parameters, command")
-    problems = sweeps.schema_violations_from_proposed_config(config)
+    try:
+        problems = sweeps.schema_violations_from_proposed_config(config)
+    except ValueError as err:  # the engine raises on some malformed parameters, e.g. a bare list of values
+        problems = [f"{err} (write a parameter as {{values: [...]}}, {{value: x}} or a distribution)"]
+    if config.get("method") == "bayes" and not (config.get("metric") or {}).get("name"):
+        problems.append(
+            "a bayes sweep needs the metric it optimises, e.g. metric: {name: val/anime/psnr, goal: maximize}"
+        )
     if problems:
         raise ValueError(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
     _check_nulls(path, config.get("parameters", {}))
@@ -197,16 +204,25 @@ def _parse(args: list[str]) -> Any:
 def check_values(cfg: Any) -> None:
     """Run the value checks of the model, the data module and the callbacks by constructing them as ``fit``
     does, on the meta device: no weights are allocated or initialised, no file is read (``init_from`` is
-    left out; it and the shards are read when the run starts). Re-raises what a constructor rejects."""
+    left out; it and the shards are read when the run starts). Re-raises what a constructor rejects, and
+    what ``fit`` itself refuses at start: top-level optimizer settings, unknown original domains."""
     import torch
 
+    from sr3_lightning.callbacks import DomainEval
+
+    for name in ("optimizer", "lr_scheduler"):
+        if cfg.fit.get(name) is not None:
+            raise ValueError(f"--{name} is not used by sr3-lightning: set model.{name} instead")
     cfg = cfg.clone()
     cfg.fit.model.init_from = None
     parser = fit_parser()
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        instantiate(cfg)
+        init = instantiate(cfg)
+    for callback in init.fit.trainer.get("callbacks") or []:
+        if isinstance(callback, DomainEval):
+            callback.check_domains(init.fit.data.val_domain_names)
 
 
 def _input_problem(kind: str, *key: Any) -> str | None:
@@ -223,10 +239,31 @@ def _input_problem(kind: str, *key: Any) -> str | None:
                 return f"init_from={key[0]}: the checkpoint does not exist"
         elif kind == "init_from":
             resolve_reference_pair(key[0])
+        elif kind == "limit":
+            return _limit_problem(*key)
         else:
             load_index(*key)
     except (ValueError, FileNotFoundError) as err:
         return str(err)
+    return None
+
+
+def _limit_problem(train: tuple, val: tuple, lr_size: int, hr_size: int, limit: int) -> str | None:
+    """The data module's own check, from the index files: a limit above the images left for training."""
+    from sr3_lightning.data.shards import find_index, load_index
+
+    try:
+        index = load_index(*train, lr_size, hr_size)
+        held_out = sum(
+            n for shards, dom, n in val if find_index(shards, dom).resolve() == index.path.resolve()
+        )
+    except (ValueError, FileNotFoundError):
+        return None  # the shards' own entry names it
+    if limit > len(index.keys) - held_out:
+        return (
+            f"train domain '{train[1]}': limit {limit} but {index.path} holds {len(index.keys)} images, "
+            f"{held_out} of them held out for validation; lower `limit` or `num_images`"
+        )
     return None
 
 
@@ -249,6 +286,12 @@ def input_problems(fit: Any, seen: dict[tuple, str | None]) -> list[str]:
     for domain in [data.train, *(data.val or [])]:
         if domain is not None:
             inputs.append(("shards", domain.shards, domain.domain, data.lr_size, data.hr_size))
+    if data.train is not None and data.train.limit is not None:
+        val = tuple(
+            (v.shards, v.domain, v.num_images) for v in data.val or [] if v.domain == data.train.domain
+        )
+        train = (data.train.shards, data.train.domain)
+        inputs.append(("limit", train, val, data.lr_size, data.hr_size, data.train.limit))
     for key in inputs:
         if key not in seen:
             seen[key] = _input_problem(*key)
