@@ -27,6 +27,9 @@ STEPS = {"l1": (400, 1200, 1600, 2000, 4000, 12000), "l2": (400, 2000, 6000, 800
 DATA_SIZES = (8, 16, 32, 64, 128)
 T_RANGES = ((1, 2000), (1, 100), (1, 500), (1, 1000), (1000, 2000), (1500, 2000), (1900, 2000))
 FORGET_STEPS = (2000, 4000, 12000)
+COLOURS = [f"C{i}" for i in range(10)] + ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
+COLOURS += ["#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363"]  # 20 distinct line colours
+LINE_STYLES = ("-", "-.", ":")
 
 
 @dataclass
@@ -240,12 +243,20 @@ def plot_metrics(runs: list[Run], out: Path) -> list[Path]:
             fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.6), squeeze=False)
             for ax, metric in zip(axes[0], metrics):
                 key = f"{prefix}/{domain}/{metric}"
-                for run in runs:
+                for i, run in enumerate(runs):
                     points = [(s, e[key]) for s, e in sorted(run.evals.items()) if key in e]
                     if points:
                         regression = run.settings["objective"] == "regression"
                         label = f"{run.label} (regression)" if regression else run.label
-                        ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+                        style = LINE_STYLES[i // len(COLOURS) % len(LINE_STYLES)]  # past 20 runs, new dashes
+                        ax.plot(
+                            *zip(*points),
+                            marker="o",
+                            markersize=3,
+                            label=label,
+                            color=COLOURS[i % len(COLOURS)],
+                            linestyle=style,
+                        )
                 bicubic_key = f"val/{domain}/bicubic_{metric}"
                 bicubic = [e[bicubic_key] for r in runs for e in r.evals.values() if bicubic_key in e]
                 if kind == "metrics" and bicubic:

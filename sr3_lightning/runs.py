@@ -51,6 +51,7 @@ class Run:
     label: str = ""
     has_domain_eval: bool = True  # its config lists the DomainEval callback
     log_name: str = "metrics.csv"  # where its metrics were read, for messages
+    val_order: tuple[str, ...] = ()  # its config's val domains, in order: the tables' column order
 
     @property
     def why_no_metrics(self) -> str:
@@ -66,7 +67,8 @@ class Run:
     @property
     def domains(self) -> list[str]:
         keys = [k for step in sorted(self.evals) for k in self.evals[step]]
-        return list(dict.fromkeys(KEY.match(k).group(2) for k in keys if k.startswith("val/")))
+        logged = list(dict.fromkeys(KEY.match(k).group(2) for k in keys if k.startswith("val/")))
+        return sorted(logged, key=lambda d: self.val_order.index(d) if d in self.val_order else len(logged))
 
 
 def _optimizer(model: dict[str, Any]) -> str:
@@ -146,6 +148,9 @@ def make_run(
         seconds=seconds,
         has_domain_eval=eval_args is not None,
         log_name=log_name or "metrics.csv",
+        val_order=tuple(
+            v.get("domain") for v in (config.get("data") or {}).get("val") or [] if isinstance(v, dict)
+        ),
     )
 
 
@@ -289,5 +294,7 @@ def _label(runs: list[Run]) -> None:
         shown = {k: "all" if k == "limit" and r.settings[k] is None else r.settings[k] for k in varying}
         r.label = ", ".join(f"{SETTING_NAMES[k]}={v}" for k, v in shown.items()) or r.name
     labels = [(r.label, r.settings["objective"]) for r in runs]
+    names = [r.name for r in runs]  # a grid point of two sweeps has the same run id in both
     for r in runs:
-        r.label += f" ({r.name})" if labels.count((r.label, r.settings["objective"])) > 1 else ""
+        name = r.name if names.count(r.name) == 1 else f"{Path(r.source).parent.name}/{r.name}"
+        r.label += f" ({name})" if labels.count((r.label, r.settings["objective"])) > 1 else ""

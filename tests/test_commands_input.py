@@ -187,7 +187,8 @@ def test_sample_warns_about_cropping_and_caps_its_sheet(tiny_ckpt, tmp_path, cap
     monkeypatch.setattr(sample, "SHEET_ROWS", 2)
     inputs = colour_images(tmp_path / "in", "a.png", "b.png")
     Image.new("RGB", (12, 8)).save(inputs / "wide.png")
-    run_command("sample", tiny_ckpt, inputs, tmp_path / "out")
+    run_command("sample", tiny_ckpt, inputs, tmp_path / "out", "--sampler", "ddpm", "--eta", "0.5")
+    assert "--eta 0.5 is DDIM's; --sampler ddpm does not use it" in caplog.text
     assert (
         "1 input(s) are not square; only their centre square is super-resolved: wide.png (12x8)"
         in caplog.text

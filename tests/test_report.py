@@ -174,6 +174,19 @@ def test_only_finished_runs_of_the_studys_setup_fill_the_tables(study_runs, tmp_
     assert "a_stopped" not in set(sources.values())
 
 
+def test_columns_follow_the_configs_val_domains_and_equal_run_ids_are_told_apart(tmp_path):
+    for sweep in ("a", "b"):
+        run_dir = write_run(tmp_path / sweep, "l1-2000-abc", loss="l1" if sweep == "a" else "l2")
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        config["data"]["val"] = [{"domain": d, "shards": "x"} for d in ("celebahq", "anime", "ffhq")]
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    write_run(tmp_path / "c", "l1-2000-abc")  # the same grid point as a's, in another sweep
+    cli_main(["report", str(tmp_path), "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| Setting | celebahq PSNR | celebahq SSIM | celebahq LPIPS | anime PSNR |" in text
+    assert "`loss=l1 (a/l1-2000-abc)`" in text and "`loss=l1 (c/l1-2000-abc)`" in text
+
+
 def test_a_sweeps_failed_and_vanished_runs_are_named_in_the_report(tmp_path):
     sweep = tmp_path / "sweep"
     write_run(sweep, "l1-ok")
@@ -199,6 +212,10 @@ def test_report_errors_name_the_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["report", str(source), "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "report.md").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        cli_main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "report.md")])
+    assert "--out" in (err := capsys.readouterr().err) and "is a file; name a folder" in err
 
 
 def test_report_names_runs_without_metrics_and_fails_when_none_has_any(tmp_path, capsys, caplog):

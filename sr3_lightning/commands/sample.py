@@ -106,6 +106,8 @@ def check_args(args: Namespace) -> None:
         raise ValueError(f"--lr-size {args.lr_size}: use a positive size in px, or leave it out")
     if args.eta < 0:
         raise ValueError(f"--eta {args.eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
+    if args.eta and args.sampler != "ddim":
+        log.warning("--eta %s is DDIM's; --sampler %s does not use it", args.eta, args.sampler)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file; name a folder for the results")
 

@@ -60,6 +60,8 @@ def check_args(args: Namespace) -> tuple[float | str, tuple[int, int] | None, di
         raise ValueError(f"--steps {args.steps}: use a positive number of steps, or leave it out for all T")
     if args.eta < 0:
         raise ValueError(f"--eta {args.eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
+    if args.eta and args.sampler != "ddim":
+        log.warning("--eta %s is DDIM's; --sampler %s does not use it", args.eta, args.sampler)
     if args.tile_overlap is not None and args.tile_overlap < 0:
         raise ValueError(f"--tile-overlap {args.tile_overlap}: use 0 or more px, or leave it out (size / 4)")
     if args.out.exists() and not args.out.is_dir():
