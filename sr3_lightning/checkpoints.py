@@ -43,6 +43,7 @@ class ReferenceCheckpoint:
 
 
 def torch_load(path: Path, what: str) -> dict:
+    """A state dict from ``path`` (tensors only), or a CheckpointError naming the file and the fix."""
     if not path.is_file():
         raise CheckpointError(
             f"{what} {path} does not exist; check the path (a reference checkpoint is a "
@@ -237,6 +238,11 @@ def load_reference(
     assumed = {k: v for k, v in UNSTORED.items() if k not in given} if config is None else {}
     if config is None:
         config = infer_unet_config(weights, **{**UNSTORED, **given})
+    elif {"image_size", "dropout"} & set(given):
+        raise CheckpointError(
+            f"{gen_path}: --image-size and --dropout are for weights without a config JSON; the config "
+            "sets them (and its attention resolutions go with its image size): leave them out"
+        )
     else:
         config = replace(config, **given)
     _check_group_norm(config, gen_path)

@@ -27,8 +27,21 @@ STEPS = {"l1": (400, 1200, 1600, 2000, 4000, 12000), "l2": (400, 2000, 6000, 800
 DATA_SIZES = (8, 16, 32, 64, 128)
 T_RANGES = ((1, 2000), (1, 100), (1, 500), (1, 1000), (1000, 2000), (1500, 2000), (1900, 2000))
 FORGET_STEPS = (2000, 4000, 12000)
-COLOURS = [f"C{i}" for i in range(10)] + ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
-COLOURS += ["#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363"]  # 20 distinct line colours
+COLOURS = (  # matplotlib's 10, then 10 more distinct ones
+    *(f"C{i}" for i in range(10)),
+    *(
+        "#393b79",
+        "#637939",
+        "#8c6d31",
+        "#843c39",
+        "#7b4173",
+        "#3182bd",
+        "#e6550d",
+        "#31a354",
+        "#756bb1",
+        "#636363",
+    ),
+)
 LINE_STYLES = ("-", "-.", ":")
 
 
@@ -133,11 +146,16 @@ def _forgetting_table(runs: list[Run], used: set[int]) -> Table:
     return Table(title, columns, rows, [label for label, run, _ in found if run is None])
 
 
-def study_runs(runs: list[Run]) -> list[Run]:
-    """The runs that share the study's fixed knobs (each knob's most common value): only they fill Tables
-    1-4, so a run with another learning rate or starting point cannot stand in for a study row."""
-    setup = {k: Counter(str(r.settings[k]) for r in runs).most_common(1)[0][0] for k in FIXED_KNOBS}
-    inside = [r for r in runs if all(str(r.settings[k]) == setup[k] for k in FIXED_KNOBS)]
+def study_setup(runs: list[Run]) -> dict[str, str]:
+    """The study's fixed knobs: each one's most common value among the diffusion runs (ties: first run)."""
+    voters = [r for r in runs if r.settings["objective"] == "diffusion"] or runs
+    return {k: Counter(str(r.settings[k]) for r in voters).most_common(1)[0][0] for k in FIXED_KNOBS}
+
+
+def study_runs(runs: list[Run], setup: dict[str, str]) -> list[Run]:
+    """The runs that share the study's fixed knobs: only they fill Tables 1-4, so a run with another
+    learning rate or starting point cannot stand in for a study row."""
+    inside = []
     for r in runs:
         differ = [
             f"{SETTING_NAMES[k]}={r.settings[k]} (study: {setup[k]})"
@@ -150,6 +168,8 @@ def study_runs(runs: list[Run]) -> list[Run]:
                 r.source,
                 ", ".join(differ),
             )
+        else:
+            inside.append(r)
     return inside
 
 
@@ -157,7 +177,9 @@ def build_tables(runs: list[Run]) -> list[Table]:
     """Tables 1-4 of the study (the rows found in the runs), then every other run at its listed steps."""
     used: set[int] = set()
     runs = sorted(runs, key=lambda r: r.source)
-    study = study_runs(runs)
+    if not runs:
+        return []
+    study = study_runs(runs, study_setup(runs))
     t1 = [
         (f"{loss.upper()}, {s} steps", BASE | {"loss": loss}, s)
         for loss, steps in STEPS.items()
@@ -167,19 +189,24 @@ def build_tables(runs: list[Run]) -> list[Table]:
     t3 = [(f"t in [{a}, {b}]", BASE | {"t_min": a, "t_max": b}, 2000) for a, b in T_RANGES]
     tables = [
         _domain_table(
-            "Table 1: fine-tuning steps and loss (128 images, t in [1, 2000])", _find(study, t1, used), runs
+            "Table 1: fine-tuning steps and loss (128 images, t in [1, 2000])", _find(study, t1, used), study
         ),
-        _domain_table("Table 2: training images (L1, 2000 steps)", _find(study, t2, used), runs),
-        _domain_table("Table 3: timestep range (L1, 128 images, 2000 steps)", _find(study, t3, used), runs),
+        _domain_table("Table 2: training images (L1, 2000 steps)", _find(study, t2, used), study),
+        _domain_table("Table 3: timestep range (L1, 128 images, 2000 steps)", _find(study, t3, used), study),
         _forgetting_table(study, used),
     ]
-    others = [r for r in runs if id(r) not in used and r.settings["objective"] != "regression"]
+    in_study = {id(r) for r in study}
+    others = [
+        r
+        for r in runs
+        if id(r) not in used and (r.settings["objective"] != "regression" or id(r) not in in_study)
+    ]
     found = [
         (f"{r.label}, {_steps(s)}", r if s in r.evals else None, s)
         for r in others
         for s in r.listed_steps or sorted(r.evals)[1:]
     ]
-    tables.append(_domain_table("Other runs, each at its listed steps", found, runs))
+    tables.append(_domain_table("Other runs, each at its listed steps", found, []))
     return [t for t in tables if t.rows]
 
 
@@ -288,6 +315,9 @@ def write_report(runs: list[Run], out: Path, skipped: list[str] | None = None) -
         f"- `{r.label}`{' (regression)' if r.settings['objective'] == 'regression' else ''}: {r.source}"
         for r in sorted(runs, key=lambda r: r.source)
     ]
+    if runs:
+        setup = ", ".join(f"{SETTING_NAMES[k]}={v}" for k, v in study_setup(runs).items())
+        lines += ["", f"Study setup (the table rows' fixed settings): {setup}."]
     if skipped:
         lines += ["", f"Left out {len(skipped)} run(s):", ""]
         lines += [f"- {line}" for line in skipped]

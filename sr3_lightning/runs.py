@@ -31,8 +31,9 @@ FIXED_KNOBS = (
     "subset_seed",
     "train_domain",
     "batch_size",
+    "beta_schedule",
+    "num_timesteps",
 )
-FIXED_KNOBS += ("beta_schedule", "num_timesteps")
 SETTING_NAMES = {"loss": "loss", "limit": "images", "t_min": "t_min", "t_max": "t_max"}  # run labels
 SETTING_NAMES |= {k: k for k in FIXED_KNOBS}
 
@@ -189,8 +190,7 @@ def _local_runs(path: Path, left_out: list[str], depth: int = 0) -> list[Run]:
         gone = [rid for rid in done if not (path / rid / "config.yaml").is_file()]
         left_out += [f"{path / rid}: recorded as finished, but its config.yaml is gone" for rid in gone]
         left_out += [
-            f"{path / rid}: failed (exit {r.get('exit_code')}; log: {path / 'logs' / (rid + '.log')}); "
-            "relaunch the sweep to retry it"
+            f"{path / rid}: failed (log: {path / 'logs' / (rid + '.log')}); a grid's relaunch retries it"
             for rid, r in sorted(last.items())
             if r["state"] != "finished"
         ]
@@ -280,7 +280,7 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
     ]
     out = [r for r in out if all(r is not p for p in partial)]
     if left_out:
-        log.warning("leaving out %d run(s) that did not finish: %s", len(left_out), "; ".join(left_out))
+        log.warning("leaving out %d run(s): %s", len(left_out), "; ".join(left_out))
     if not out:
         raise ValueError("no run finished, so there is nothing to report: " + "; ".join(left_out))
     _label(out)

@@ -88,6 +88,8 @@ def test_architecture_is_inferred_from_weights_when_no_config(tmp_path, caplog):
     caplog.clear()
     ck = load_reference(tmp_path / "tiny_gen.pth", norm_groups=4, image_size=32, dropout=0.0)
     assert ck.config == TINY and not caplog.text  # everything the weights lack was given: the exact model
+    with pytest.raises(CheckpointError, match="--image-size and --dropout are for weights without a config"):
+        load_reference(REF / "tiny_gen.pth", image_size=64)  # tiny_config.json sits beside it
     io = tiny_io()
     with torch.no_grad():
         out = ck.unet.eval()(io["unet_in_x"], io["unet_in_noise_level"])

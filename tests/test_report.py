@@ -155,6 +155,7 @@ def test_report_lays_out_the_study_tables_at_their_steps(study_runs, tmp_path):
 def test_only_finished_runs_of_the_studys_setup_fill_the_tables(study_runs, tmp_path, caplog):
     lr = {"optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.001}}}
     write_run(study_runs / "steps", "a_lr1e-3", at_steps=(400, 2000), model=lr)
+    write_run(study_runs / "baselines", "a_regression_lr1e-3", objective="regression", model=lr)
     write_run(
         study_runs / "steps", "a_stopped", loss="l2", max_steps=18000, at_steps=(400, 18000), stopped_at=5000
     )
@@ -172,6 +173,9 @@ def test_only_finished_runs_of_the_studys_setup_fill_the_tables(study_runs, tmp_
     text = (out / "report.md").read_text()
     assert "a_stopped: stopped before its last evaluation (evaluated up to step 400 of 18000)" in text
     assert "a_stopped" not in set(sources.values())
+    tables_of = {table for table, _ in sources if sources[(table, _)] == "a_regression_lr1e-3"}
+    assert tables_of == {"Other r"}  # not a Regression row of Tables 1-3
+    assert "Study setup (the table rows' fixed settings): optimizer=default, init_from=None" in text
 
 
 def test_columns_follow_the_configs_val_domains_and_equal_run_ids_are_told_apart(tmp_path):
@@ -200,7 +204,10 @@ def test_a_sweeps_failed_and_vanished_runs_are_named_in_the_report(tmp_path):
     text = (out / "report.md").read_text()
     assert "1 finished run(s):" in text and "Left out 2 run(s):" in text
     assert f"{sweep / 'l1-gone'}: recorded as finished, but its config.yaml is gone" in text
-    assert f"{sweep / 'l2-bad'}: failed (exit 1; log: {sweep / 'logs' / 'l2-bad.log'})" in text
+    assert (
+        f"{sweep / 'l2-bad'}: failed (log: {sweep / 'logs' / 'l2-bad.log'}); a grid's relaunch retries it"
+        in text
+    )
 
 
 def test_report_errors_name_the_input(tmp_path, capsys):

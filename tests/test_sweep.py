@@ -78,6 +78,10 @@ def test_bad_sweeps_and_gpus_fail_before_any_run(tmp_path, capsys, monkeypatch):
         "metric: {name: val/anime/psnr, goal: maximize}\n", ""
     )
     assert "a bayes sweep needs the metric it optimises" in sweep_error(tmp_path, capsys, no_metric)
+    string_metric = good.replace("method: grid", "method: bayes").replace(
+        "metric: {name: val/anime/psnr, goal: maximize}", "metric: val/anime/psnr"
+    )
+    assert "Traceback" not in (err := sweep_error(tmp_path, capsys, string_metric)) and "not a valid" in err
     err = sweep_error(tmp_path, capsys, good.replace("[l1, l2]", "[l1, l3]"))
     assert "model.loss" in err and "l3" in err
     assert "'gridx' is not one of" in sweep_error(
@@ -225,7 +229,8 @@ def test_local_backend_records_failures_retries_them_on_relaunch_and_needs_count
     # A stand-in for fit: records its arguments, creates its run directory and config, fails for l2.
     script = (
         'mkdir -p "$SR3_SWEEP_DIR/$WANDB_RUN_ID"; touch "$SR3_SWEEP_DIR/$WANDB_RUN_ID/config.yaml"; '
-        'echo "$*" >> "$SR3_SWEEP_DIR/../calls"; case "$*" in *l2*) exit 1;; esac'
+        'echo "$*" >> "$SR3_SWEEP_DIR/../calls"; case "$*" in *l2*) exit 1;; esac; '
+        'test ! -f "$SR3_SWEEP_DIR/../fail_all"'
     )
     command = ["${env}", "sh", "-c", script, "sh", "${args}"]
     config = {"method": "grid", "parameters": {"model.loss": {"values": ["l1", "l2"]}}, "command": command}
@@ -236,10 +241,13 @@ def test_local_backend_records_failures_retries_them_on_relaunch_and_needs_count
     calls = (tmp_path / "calls").read_text().splitlines()
     assert sum("--model.loss=l1" in c for c in calls) == 1 and sum("--model.loss=l2" in c for c in calls) == 2
     (l1_dir,) = [d for d in sweep_dir.iterdir() if d.name.startswith("l1")]
-    shutil.rmtree(l1_dir)  # a finished run whose directory is gone is done again
+    shutil.rmtree(l1_dir)  # a finished run whose directory is gone is done again ...
+    (tmp_path / "fail_all").touch()
+    run_local(Sweep(tmp_path / "s.yaml", config, []), sweep_dir)
+    (tmp_path / "fail_all").unlink()  # ... and when that fails, its failure is the record that counts
     run_local(Sweep(tmp_path / "s.yaml", config, []), sweep_dir)
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert sum("--model.loss=l1" in c for c in calls) == 2 and (l1_dir / "config.yaml").is_file()
+    assert sum("--model.loss=l1" in c for c in calls) == 3 and (l1_dir / "config.yaml").is_file()
     with pytest.raises(ValueError, match="different sweep"):
         run_local(Sweep(tmp_path / "s.yaml", {**config, "method": "random"}, []), sweep_dir, count=1)
     random_sweep = Sweep(tmp_path / "s.yaml", {**config, "method": "random"}, [])

@@ -129,6 +129,7 @@ class DomainEval(Callback):
             check_lpips_weights()
 
     def check_domains(self, val_names: list[str]) -> None:
+        """Forgetting is measured on original domains: each must be evaluated, so among the val domains."""
         unknown = sorted(set(self.original_domains) - set(val_names))
         if unknown:
             raise ValueError(

@@ -126,7 +126,7 @@ def warn_about_shapes(files: list[Path], hr_size: int, lr_size: int | None) -> N
     for path in files:
         with Image.open(path) as img:
             name = f"{path.name} ({img.size[0]}x{img.size[1]})"
-            if lr_size is None and max(img.size) > hr_size:
+            if lr_size is None and min(img.size) > hr_size:
                 larger.append(name)
             if img.size[0] != img.size[1]:
                 cropped.append(name)
@@ -145,6 +145,7 @@ def warn_about_shapes(files: list[Path], hr_size: int, lr_size: int | None) -> N
 
 
 def check_conditional(model: SR3Module, ckpt: Path) -> None:
+    """``sample`` conditions on the LR image; an unconditional model would fail inside its first step."""
     channels = model.sampling_unet.config.in_channel
     if channels != 6:
         raise ValueError(

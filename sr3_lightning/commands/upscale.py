@@ -102,17 +102,21 @@ def check_targets(files: list[Path], scale: float | None, size: tuple[int, int] 
 
 
 def earlier_records(out: Path, rewritten: set[str]) -> list[dict]:
-    """Records of earlier runs into ``out`` whose images are still there and not made again now."""
+    """Records of earlier runs into ``out`` whose images are still there and not made again now (by file
+    name), each with the settings it was made with."""
     path = out / "upscale.json"
     if not path.is_file():
         return []
     try:
-        records = json.loads(path.read_text())["images"]
-    except (ValueError, KeyError, TypeError) as err:
+        saved = json.loads(path.read_text())
+        settings = {k: v for k, v in saved.items() if k != "images"}
+        records = [{**settings, **r} for r in saved["images"]]
+        names = [Path(r["output"]).name for r in records]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(
             f"{path} cannot be read ({type(err).__name__}: {err}); move it away or choose another --out"
         ) from None
-    return [r for r in records if r.get("output") not in rewritten and Path(r.get("output", "")).is_file()]
+    return [r for r, name in zip(records, names) if name not in rewritten and (out / name).is_file()]
 
 
 def main(argv: list[str]) -> None:
@@ -129,7 +133,7 @@ def main(argv: list[str]) -> None:
     conditional = model.sampling_unet.config.in_channel == 6
     mode = "SR3, conditioned on the bicubic upsample" if conditional else "unconditional"
     outputs = {path: args.out / f"{path.stem}_diffsr.png" for path in files}
-    kept = earlier_records(args.out, {str(out) for out in outputs.values()})
+    kept = earlier_records(args.out, {out.name for out in outputs.values()})
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"checkpoint": str(args.ckpt), "model": mode, "sampler": args.sampler, "steps": args.steps}
     settings |= {"eta": args.eta, "seed": args.seed}

@@ -223,16 +223,17 @@ def run_local(
         raise ValueError(f"{sweep.path}: a {sweep.method} sweep never ends by itself; pass --count N")
     sweep_dir = Path(sweep_dir).resolve()
     _claim(sweep_dir, sweep)
-    finished = {r["run_id"]: r for r in read_records(sweep_dir) if r["state"] == "finished"}
+    latest = {r["run_id"]: r for r in read_records(sweep_dir)}  # a retried or redone run's last record
+    finished = {rid: r for rid, r in latest.items() if r["state"] == "finished"}
     gone = [rid for rid in finished if not (sweep_dir / rid / "config.yaml").is_file()]
-    if gone:
+    if gone and sweep.method == "grid":  # random and bayes draw new values instead of redoing a run
         log.warning(
             "%s: redoing %d finished run(s) whose directory is gone: %s",
             sweep_dir,
             len(gone),
             ", ".join(gone),
         )
-    finished = {rid: r for rid, r in finished.items() if rid not in gone}
+        finished = {rid: r for rid, r in finished.items() if rid not in gone}
     if finished:
         log.info("%s: %d finished run(s) are kept and skipped", sweep_dir, len(finished))
     launch = _Launch(sweep, sweep_dir, list(finished.values()), count)
@@ -332,8 +333,8 @@ def _add_seconds(run_dir: Path, seconds: float) -> float:
 
 
 def _summarise(sweep_dir: Path, ended: list[dict[str, Any]], exhausted: bool, method: str) -> None:
-    records = read_records(sweep_dir)
-    done = {r["run_id"] for r in records if r["state"] == "finished"}
+    latest = {r["run_id"]: r for r in read_records(sweep_dir)}
+    done = {rid for rid, r in latest.items() if r["state"] == "finished"}
     failed = [r["run_id"] for r in ended if r["state"] == "failed"]
     retry = (
         "retried on relaunch" if method == "grid" else f"a relaunch of this {method} sweep draws new values"

@@ -68,7 +68,8 @@ def load_sweep(path: str | Path) -> Sweep:
         problems = sweeps.schema_violations_from_proposed_config(config)
     except ValueError as err:  # the engine raises on some malformed parameters, e.g. a bare list of values
         problems = [f"{err} (write a parameter as {{values: [...]}}, {{value: x}} or a distribution)"]
-    if config.get("method") == "bayes" and not (config.get("metric") or {}).get("name"):
+    metric = config.get("metric")
+    if config.get("method") == "bayes" and not (isinstance(metric, dict) and metric.get("name")):
         problems.append(
             "a bayes sweep needs the metric it optimises, e.g. metric: {name: val/anime/psnr, goal: maximize}"
         )
