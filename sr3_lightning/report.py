@@ -206,7 +206,10 @@ def build_tables(runs: list[Run]) -> list[Table]:
         for r in others
         for s in r.listed_steps or sorted(r.evals)[1:]
     ]
-    tables.append(_domain_table("Other runs, each at its listed steps", found, []))
+    regression_shown = any(t.rows for t in tables[:3])  # else the study's regression rows go here
+    tables.append(
+        _domain_table("Other runs, each at its listed steps", found, [] if regression_shown else study)
+    )
     return [t for t in tables if t.rows]
 
 
