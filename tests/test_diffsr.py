@@ -303,6 +303,14 @@ def test_calibrate_rejects_bad_scales_and_levels(tiny_ckpt, tmp_path, capsys):
         assert re.search(message, capsys.readouterr().err)
 
 
+def calibrate_error(capsys, ckpt: Path, data: Path, out: Path) -> tuple[int, str]:
+    """Run diffsr-calibrate expecting it to refuse: (exit code, stderr)."""
+    argv = ["diffsr-calibrate", "--ckpt", str(ckpt), "--data", str(data), "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([*argv, "--lpips", "false", *FAST])
+    return exit_info.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["changed", "missing"])
 def test_calibrate_on_a_corrupt_shard_names_its_own_fix(
     tiny_ckpt, make_domain_shards, tmp_path, capsys, damage
@@ -314,38 +322,16 @@ def test_calibrate_on_a_corrupt_shard_names_its_own_fix(
         shard.unlink()
     else:
         shard.write_bytes(shard.read_bytes() + b"\0" * 512)
-    argv = [
-        "diffsr-calibrate",
-        "--ckpt",
-        str(tiny_ckpt),
-        "--data",
-        str(shards),
-        "--out",
-        str(tmp_path / "x.json"),
-    ]
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main([*argv, "--lpips", "false", *FAST])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "photos-000000.tar" in err, err
+    code, err = calibrate_error(capsys, tiny_ckpt, shards, tmp_path / "x.json")
+    assert code == 2 and "photos-000000.tar" in err, err
     assert "re-run make_shards for domain 'photos'" in err and "drop the domain from --domains" in err, err
     assert "on_corrupt" not in err, err
 
 
 def test_calibrate_refuses_hr_images_smaller_than_the_model(tiny_ckpt, make_domain_shards, tmp_path, capsys):
     shards = make_domain_shards("thumbs", 2, lr=4, hr=16).parent  # the tiny model works at 32 px
-    argv = [
-        "diffsr-calibrate",
-        "--ckpt",
-        str(tiny_ckpt),
-        "--data",
-        str(shards),
-        "--out",
-        str(tmp_path / "x.json"),
-    ]
-    with pytest.raises(SystemExit):
-        cli_main([*argv, "--lpips", "false", *FAST])
-    err = capsys.readouterr().err
-    assert "the HR images of thumbs (16 px) are smaller than the model's 32 px" in err
+    code, err = calibrate_error(capsys, tiny_ckpt, shards, tmp_path / "x.json")
+    assert code == 2 and "the HR images of thumbs (16 px) are smaller than the model's 32 px" in err
     assert "make_shards --hr 32" in err and not (tmp_path / "x.json").exists()
 
 
