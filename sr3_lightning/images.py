@@ -29,6 +29,12 @@ def list_images(path: Path) -> list[Path]:
     return files
 
 
+def check_out_folder(out: Path, holds: str = "the results") -> None:
+    """An ``--out`` that names an existing file is refused before any work (mkdir would fail late)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a folder for {holds}")
+
+
 def check_output_names(files: Sequence[Path], suffix: str) -> None:
     """Refuse inputs whose outputs ``<stem><suffix>`` would overwrite each other (a.png and a.jpg)."""
     seen: dict[str, Path] = {}

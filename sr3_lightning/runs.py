@@ -179,13 +179,12 @@ def read_run_dir(run_dir: Path, seconds: float | None = None) -> Run:
 
 def _local_runs(path: Path, left_out: list[str], depth: int = 0) -> list[Run]:
     """Runs under ``path``; runs of a local sweep that did not finish are named in ``left_out``."""
-    from sr3_lightning.sweep.local import read_records
+    from sr3_lightning.sweep.local import latest_records
 
     if (path / "config.yaml").is_file():
         return [read_run_dir(path)]
-    records = read_records(path)
-    if records:  # a local sweep directory: its finished runs only
-        last = {r["run_id"]: r for r in records}  # a retried run's latest record
+    last = latest_records(path)
+    if last:  # a local sweep directory: its finished runs only
         done = {rid: r for rid, r in last.items() if r["state"] == "finished"}
         gone = [rid for rid in done if not (path / rid / "config.yaml").is_file()]
         left_out += [f"{path / rid}: recorded as finished, but its config.yaml is gone" for rid in gone]

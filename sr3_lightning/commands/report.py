@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from sr3_lightning.images import check_out_folder
 from sr3_lightning.report import write_report
 from sr3_lightning.runs import load_runs
 
@@ -32,8 +33,7 @@ def parser() -> ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = parser().parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; name a folder for report.md, report.csv and the plots")
+    check_out_folder(args.out, "report.md, report.csv and the plots")
     runs, skipped = load_runs(args.runs)
     path = write_report(runs, args.out, skipped)
     log.info("report of %d run(s): %s (numbers: %s)", len(runs), path, path.with_suffix(".csv"))

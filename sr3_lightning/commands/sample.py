@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from sr3_lightning.data.degradations import resize_and_crop, to_rgb
 from sr3_lightning.images import (
+    check_out_folder,
     check_output_names,
     check_readable,
     from_tensor,
@@ -108,8 +109,7 @@ def check_args(args: Namespace) -> None:
         raise ValueError(f"--eta {args.eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
     if args.eta and args.sampler != "ddim":
         log.warning("--eta %s is DDIM's; --sampler %s does not use it", args.eta, args.sampler)
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; name a folder for the results")
+    check_out_folder(args.out)
 
 
 def prepare_input(img: Image.Image, hr_size: int, lr_size: int | None) -> tuple[Image.Image, Image.Image]:

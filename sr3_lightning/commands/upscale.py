@@ -22,7 +22,14 @@ from sr3_lightning.commands.sample import check_steps, image_generator, load_mod
 from sr3_lightning.data.degradations import to_rgb
 from sr3_lightning.diffsr.noise_level import choose_level, load_prf_table, parse_noise_level
 from sr3_lightning.diffsr.upscale import SAMPLERS, bicubic_to, check_scale, diffsr, parse_size, target_size
-from sr3_lightning.images import check_output_names, check_readable, from_tensor, list_images, to_tensor
+from sr3_lightning.images import (
+    check_out_folder,
+    check_output_names,
+    check_readable,
+    from_tensor,
+    list_images,
+    to_tensor,
+)
 
 log = logging.getLogger(__name__)
 LEVEL_TOLERANCE = 0.05  # a start level this far from the requested one is worth a warning
@@ -64,8 +71,7 @@ def check_args(args: Namespace) -> tuple[float | str, tuple[int, int] | None, di
         log.warning("--eta %s is DDIM's; --sampler %s does not use it", args.eta, args.sampler)
     if args.tile_overlap is not None and args.tile_overlap < 0:
         raise ValueError(f"--tile-overlap {args.tile_overlap}: use 0 or more px, or leave it out (size / 4)")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a file; name a folder for the results")
+    check_out_folder(args.out)
     table = None
     if level == "auto":
         if args.prf is None:

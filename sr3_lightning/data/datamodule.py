@@ -29,6 +29,7 @@ from sr3_lightning.data.shards import (
     OnCorrupt,
     SampleReader,
     SampleTable,
+    ShardIndex,
     load_index,
     locate_samples,
     scale_to_unit_range_,
@@ -72,6 +73,15 @@ def select_subset(keys: list[str], limit: int | None, subset_seed: int | None) -
     ranked = sorted(keys, key=lambda k: hashlib.sha256(f"{subset_seed}:{k}".encode()).digest())
     chosen = set(ranked[:limit])
     return [k for k in keys if k in chosen]
+
+
+def check_limit(domain: str, limit: int | None, index: ShardIndex, held_out: int) -> None:
+    """A limit must fit the images the shards leave for training (``sweep --check`` asks too)."""
+    if limit is not None and limit > len(index.keys) - held_out:
+        raise ValueError(
+            f"train domain '{domain}': limit {limit} but {index.path} holds {len(index.keys)} "
+            f"images, {held_out} of them held out for validation; lower `limit` or `num_images`"
+        )
 
 
 def pass_order(
@@ -292,11 +302,7 @@ class SR3DataModule(pl.LightningDataModule):
                     f"for validation of domain '{t.domain}'; lower its val `num_images` or add training "
                     "images"
                 )
-            if t.limit is not None and t.limit > len(pool):
-                raise ValueError(
-                    f"train domain '{t.domain}': limit {t.limit} but {index.path} holds {len(index.keys)} "
-                    f"images, {len(held_out)} of them held out for validation; lower `limit` or `num_images`"
-                )
+            check_limit(t.domain, t.limit, index, len(held_out))
             keys = select_subset(pool, t.limit, t.subset_seed)
             self._train_table = locate_samples(index, keys, self.on_corrupt)
             self.train_keys = self._train_table.keys

@@ -85,6 +85,11 @@ def read_records(sweep_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+def latest_records(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each recorded run's latest record, by run id: a retried or redone run counts as it last ended."""
+    return {r["run_id"]: r for r in read_records(sweep_dir)}
+
+
 def _append_record(sweep_dir: Path, record: dict[str, Any]) -> None:
     with (sweep_dir / RECORDS).open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -223,8 +228,7 @@ def run_local(
         raise ValueError(f"{sweep.path}: a {sweep.method} sweep never ends by itself; pass --count N")
     sweep_dir = Path(sweep_dir).resolve()
     _claim(sweep_dir, sweep)
-    latest = {r["run_id"]: r for r in read_records(sweep_dir)}  # a retried or redone run's last record
-    finished = {rid: r for rid, r in latest.items() if r["state"] == "finished"}
+    finished = {rid: r for rid, r in latest_records(sweep_dir).items() if r["state"] == "finished"}
     gone = [rid for rid in finished if not (sweep_dir / rid / "config.yaml").is_file()]
     if gone and sweep.method == "grid":  # random and bayes draw new values instead of redoing a run
         log.warning(
@@ -333,8 +337,7 @@ def _add_seconds(run_dir: Path, seconds: float) -> float:
 
 
 def _summarise(sweep_dir: Path, ended: list[dict[str, Any]], exhausted: bool, method: str) -> None:
-    latest = {r["run_id"]: r for r in read_records(sweep_dir)}
-    done = {rid for rid, r in latest.items() if r["state"] == "finished"}
+    done = {rid for rid, r in latest_records(sweep_dir).items() if r["state"] == "finished"}
     failed = [r["run_id"] for r in ended if r["state"] == "failed"]
     retry = (
         "retried on relaunch" if method == "grid" else f"a relaunch of this {method} sweep draws new values"

@@ -241,7 +241,7 @@ def _input_problem(kind: str, *key: Any) -> str | None:
         elif kind == "init_from":
             resolve_reference_pair(key[0])
         elif kind == "limit":
-            return _limit_problem(*key)
+            _limit_problem(*key)
         else:
             load_index(*key)
     except (ValueError, FileNotFoundError) as err:
@@ -249,8 +249,9 @@ def _input_problem(kind: str, *key: Any) -> str | None:
     return None
 
 
-def _limit_problem(train: tuple, val: tuple, lr_size: int, hr_size: int, limit: int) -> str | None:
-    """The data module's own check, from the index files: a limit above the images left for training."""
+def _limit_problem(train: tuple, val: tuple, lr_size: int, hr_size: int, limit: int) -> None:
+    """The data module's own limit check, from the index files (held out: val images of the same index)."""
+    from sr3_lightning.data.datamodule import check_limit
     from sr3_lightning.data.shards import find_index, load_index
 
     try:
@@ -259,13 +260,8 @@ def _limit_problem(train: tuple, val: tuple, lr_size: int, hr_size: int, limit: 
             n for shards, dom, n in val if find_index(shards, dom).resolve() == index.path.resolve()
         )
     except (ValueError, FileNotFoundError):
-        return None  # the shards' own entry names it
-    if limit > len(index.keys) - held_out:
-        return (
-            f"train domain '{train[1]}': limit {limit} but {index.path} holds {len(index.keys)} images, "
-            f"{held_out} of them held out for validation; lower `limit` or `num_images`"
-        )
-    return None
+        return  # the shards' own entry names it
+    check_limit(train[1], limit, index, held_out)
 
 
 def _needs_lpips_weights(callback: Any) -> bool:
