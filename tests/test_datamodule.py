@@ -18,8 +18,8 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sr3_lightning.data import SR3DataModule, TrainDomain, ValDomain
-from sr3_lightning.data.datamodule import pass_order
 from sr3_lightning.data.shards import ShardError
+from sr3_lightning.data.train_stream import pass_order
 
 TINY = {"lr_size": 8, "hr_size": 32}
 

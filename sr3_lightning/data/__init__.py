@@ -1,5 +1,5 @@
-"""Data: reference preprocessing (``degradations``), the shard format and its checks (``shards``) and
-``SR3DataModule`` (``datamodule``).
+"""Data: reference preprocessing (``degradations``), the shard format and its checks (``shards``), the
+resumable train stream (``train_stream``) and ``SR3DataModule`` (``datamodule``).
 
 The data module is imported on first use, so that ``dataset_tools`` and ``degradations`` do not pay for
 importing Lightning.
