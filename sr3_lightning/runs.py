@@ -210,8 +210,9 @@ def _local_runs(path: Path, left_out: list[str], depth: int = 0) -> list[Run]:
     ]
 
 
-def _wandb_runs(path: str) -> list[Run]:
-    """Finished runs of ``ENTITY/PROJECT`` or ``ENTITY/PROJECT/SWEEP_ID`` from the W&B server."""
+def _wandb_runs(path: str, left_out: list[str]) -> list[Run]:
+    """Finished runs of ``ENTITY/PROJECT`` or ``ENTITY/PROJECT/SWEEP_ID`` from the W&B server; the others
+    (running, crashed, failed, killed) are named in ``left_out``."""
     import wandb
     from wandb.errors import AuthenticationError, CommError, UsageError
 
@@ -220,7 +221,9 @@ def _wandb_runs(path: str) -> list[Run]:
         found = api.sweep(path).runs if path.count("/") == 2 else api.runs(path)
         runs = []
         for r in found:
-            if r.state == "finished":
+            if r.state != "finished":
+                left_out.append(f"wandb:{'/'.join(r.path)} ({r.name}): {r.state}, not finished")
+            else:
                 config, seconds = r.config.get("config") or {}, r.summary.get("_runtime")
                 source, history = f"wandb:{'/'.join(r.path)}", r.scan_history()
                 runs.append(
@@ -247,7 +250,7 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
     left_out: list[str] = []
     for source in sources:
         if source.startswith("wandb:"):
-            found = _wandb_runs(source.removeprefix("wandb:"))
+            found = _wandb_runs(source.removeprefix("wandb:"), left_out)
         elif not Path(source).exists():
             raise FileNotFoundError(
                 f"{source} does not exist (a run directory, a sweep directory or wandb:E/P)"
@@ -260,7 +263,9 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
                 if source.startswith("wandb:")
                 else ("a run directory holds config.yaml and metrics.csv")
             )
-            raise FileNotFoundError(f"no finished runs under {source} ({where})")
+            raise FileNotFoundError(
+                f"no finished runs under {source} ({where})" + "".join(f"; {w}" for w in left_out)
+            )
         runs.update({str(Path(r.source).resolve()) if ":" not in r.source else r.source: r for r in found})
     out = [r for r in runs.values() if r.evals]
     skipped = [f"{r.source}: {r.why_no_metrics}" for r in runs.values() if not r.evals]

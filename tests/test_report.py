@@ -264,3 +264,52 @@ def test_report_from_wandb_without_login_says_how_to_log_in(tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: report wandb:lab/sr3-finetune")
     assert "`wandb login`" in err and "local run or sweep directories" in err and "Traceback" not in err
+
+
+class FakeWandbRun:
+    """What ``wandb.Api().runs`` yields, for a run whose history holds ``rows``."""
+
+    def __init__(self, name: str, state: str, config: dict, rows: list[dict]) -> None:
+        self.name, self.state, self.path = name, state, ["lab", "sr3-finetune", f"id-{name}"]
+        self.config, self.summary, self._rows = {"config": config}, {"_runtime": 12.5}, rows
+
+    def scan_history(self) -> list[dict]:
+        return self._rows
+
+
+def test_report_from_wandb_reads_finished_runs_and_names_the_others(tmp_path, monkeypatch, capsys):
+    """The W&B path maps each server run (config as logged by ``fit``, history keyed by the trainer's step)
+    onto the same tables as a run directory; running and crashed runs are left out by name."""
+    import wandb
+
+    run_dir = write_run(tmp_path / "local", "l1")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    with (run_dir / "metrics.csv").open() as f:
+        rows = [
+            {("trainer/global_step" if k == "step" else k): float(v) for k, v in r.items() if v}
+            for r in csv.DictReader(f)
+        ]
+    runs = [
+        FakeWandbRun("l1", "finished", config, rows),
+        FakeWandbRun("l2", "crashed", config | {"model": config["model"] | {"loss": "l2"}}, rows),
+        FakeWandbRun("l1-again", "running", config, rows[:2]),
+    ]
+    monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {"runs": lambda self, path: runs})())
+    out = tmp_path / "from_wandb"
+    cli_main(["report", "wandb:lab/sr3-finetune", "--out", str(out)])
+    cli_main(["report", str(run_dir), "--out", str(tmp_path / "from_dir")])
+    text = (out / "report.md").read_text()
+    assert "1 finished run(s):" in text and "Left out 2 run(s):" in text
+    assert "wandb:lab/sr3-finetune/id-l2 (l2): crashed, not finished" in text
+    assert "wandb:lab/sr3-finetune/id-l1-again (l1-again): running, not finished" in text
+    tables = [
+        (d / "report.md").read_text().split("## Table 1")[1].split("\n## ")[0]
+        for d in (out, tmp_path / "from_dir")
+    ]
+    assert tables[0] == tables[1] and str(round(value("l1", 2000, "anime", "psnr"), 2)) in tables[0]
+    runs[0].state = "failed"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["report", "wandb:lab/sr3-finetune", "--out", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no finished runs under wandb:lab/sr3-finetune" in err
+    assert "id-l1 (l1): failed, not finished" in err and not (tmp_path / "none").exists()
