@@ -22,6 +22,20 @@ from sr3_lightning.models.unet import UNet, UNetConfig
 
 PREFIX = "denoise_fn."
 UNSTORED = {"norm_groups": 32, "image_size": 128, "dropout": 0.2}  # not in the weights; the 16->128 model's
+_SR3_128 = {"norm_groups": 32, "image_size": 128, "dropout": 0.2}
+# The reference's published configs (its config/*.json), keyed by what their weights show: (in, out, inner
+# channels, channel multipliers, res blocks, attention levels). Weights without their JSON take the values
+# weights do not store from the config whose layout they have (the 64->512 model: GroupNorm 16).
+PUBLISHED: dict[tuple, tuple[str, dict]] = {
+    (6, 3, 64, (1, 2, 4, 8, 8), 2, (3,)): ("sr_sr3_16_128.json", _SR3_128),
+    (6, 3, 64, (1, 2, 4, 8, 16), 1, ()): (
+        "sr_sr3_64_512.json",
+        {"norm_groups": 16, "image_size": 512, "dropout": 0.0},
+    ),
+    (6, 3, 64, (1, 1, 2, 2, 4, 4), 2, (3,)): ("sr_ddpm_16_128.json", _SR3_128),
+    (3, 3, 64, (1, 2, 4, 8, 8), 2, (3,)): ("sample_sr3_128.json", _SR3_128),
+    (3, 3, 64, (1, 1, 2, 2, 4, 4), 2, (3,)): ("sample_ddpm_128.json", _SR3_128),
+}
 log = logging.getLogger(__name__)
 
 
@@ -111,6 +125,16 @@ def read_reference_config(path: Path) -> tuple[UNetConfig, dict]:
         "end": sched["linear_end"],
     }
     return config, spec
+
+
+def unstored_defaults(weights: dict[str, Tensor]) -> tuple[str | None, dict]:
+    """The published reference config whose layout the weights have, and its GroupNorm groups, image size
+    and dropout; (None, the 16->128 model's values) for any other layout."""
+    c = infer_unet_config(weights)
+    levels = tuple(sorted((c.image_size // r).bit_length() - 1 for r in c.attn_res))
+    layout = (c.in_channel, c.out_channel, c.inner_channel, tuple(c.channel_multiplier), c.res_blocks, levels)
+    name, values = PUBLISHED.get(layout, (None, UNSTORED))
+    return name, dict(values)
 
 
 def infer_unet_config(
@@ -235,9 +259,11 @@ def load_reference(
         config, spec = read_reference_config(Path(config))
     given = {"norm_groups": norm_groups, "image_size": image_size, "dropout": dropout}
     given = {k: v for k, v in given.items() if v is not None}
-    assumed = {k: v for k, v in UNSTORED.items() if k not in given} if config is None else {}
+    assumed, published = {}, None
     if config is None:
-        config = infer_unet_config(weights, **{**UNSTORED, **given})
+        published, defaults = unstored_defaults(weights)
+        assumed = {k: v for k, v in defaults.items() if k not in given}
+        config = infer_unet_config(weights, **{**defaults, **given})
     elif {"image_size", "dropout"} & set(given):
         raise CheckpointError(
             f"{gen_path}: --image-size and --dropout are for weights without a config JSON; the config "
@@ -249,7 +275,7 @@ def load_reference(
     unet = UNet(config)
     check_shapes(unet, weights, gen_path)
     unet.load_state_dict(weights, strict=True)
-    _warn_assumed(assumed, gen_path)
+    _warn_assumed(assumed, gen_path, published)
     if len(buffers) == len(BUFFER_NAMES):
         schedule, spec = _schedule_from_buffers(buffers, spec)
     else:
@@ -268,16 +294,30 @@ def load_reference(
     return ReferenceCheckpoint(unet, schedule, opt_state, step, epoch, config, spec)
 
 
-def _warn_assumed(assumed: dict, source: Path) -> None:
-    if assumed:
+def _warn_assumed(assumed: dict, source: Path, published: str | None) -> None:
+    if not assumed:
+        return
+    values = ", ".join(f"{k}={v}" for k, v in assumed.items())
+    flags = " ".join(f"--{k.replace('_', '-')} VALUE" for k in assumed)
+    if published:
+        log.warning(
+            "%s: no reference config JSON given or beside it; the weights have the layout of the reference's "
+            "%s, so its values the weights do not store were taken: %s. If it was trained with other values, "
+            "pass --config with the JSON it was trained with, or %s",
+            source,
+            published,
+            values,
+            flags,
+        )
+    else:
         log.warning(
             "%s: no reference config JSON given or beside it, and the weights do not store %s: assumed the "
             "16->128 model's values. The image size sets the size `sample` works at and the attention "
-            "levels, dropout is used when fine-tuning, GroupNorm groups change every output (the 64->512 "
-            "model has image_size 512, dropout 0). Pass --config with the JSON it was trained with, or %s",
+            "levels, dropout is used when fine-tuning, GroupNorm groups change every output. Pass --config "
+            "with the JSON it was trained with, or %s",
             source,
-            ", ".join(f"{k}={v}" for k, v in assumed.items()),
-            " ".join(f"--{k.replace('_', '-')} VALUE" for k in assumed),
+            values,
+            flags,
         )
 
 

@@ -4,9 +4,10 @@ import shutil
 import pytest
 import torch
 
-from sr3_lightning import load_reference, save_reference
-from sr3_lightning.checkpoints import CheckpointError
+from sr3_lightning import checkpoints, load_reference, save_reference
+from sr3_lightning.checkpoints import CheckpointError, unstored_defaults
 from sr3_lightning.diffusion import denoising_loss
+from sr3_lightning.models.unet import UNet, UNetConfig
 from sr3_lightning.module import SR3Module
 from tests.reference import REF, TINY, tiny_io
 
@@ -94,6 +95,48 @@ def test_architecture_is_inferred_from_weights_when_no_config(tmp_path, caplog):
     with torch.no_grad():
         out = ck.unet.eval()(io["unet_in_x"], io["unet_in_noise_level"])
     torch.testing.assert_close(out, io["unet_out"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("unet", "published", "unstored"),
+    [
+        (UNetConfig(), "sr_sr3_16_128.json", {"norm_groups": 32, "image_size": 128, "dropout": 0.2}),
+        (
+            UNetConfig(
+                norm_groups=16,
+                channel_multiplier=(1, 2, 4, 8, 16),
+                attn_res=(),
+                res_blocks=1,
+                dropout=0.0,
+                image_size=512,
+            ),
+            "sr_sr3_64_512.json",
+            {"norm_groups": 16, "image_size": 512, "dropout": 0.0},
+        ),
+        (UNetConfig(inner_channel=32), None, checkpoints.UNSTORED),
+    ],
+)
+def test_published_layouts_supply_what_weights_do_not_store(unet, published, unstored):
+    """The 64->512 model's GroupNorm has 16 groups: assuming the 16->128 model's 32 loads without an error
+    and changes every output, so weights with its layout take its values."""
+    with torch.device("meta"):  # shapes only: the real 64->512 UNet has 155 M parameters
+        weights = UNet(unet).state_dict()
+    assert unstored_defaults(weights) == (published, unstored)
+
+
+def test_weights_without_config_take_the_published_layouts_values(tmp_path, caplog, monkeypatch):
+    shutil.copy(REF / "tiny_gen.pth", tmp_path / "tiny_gen.pth")
+    tiny_layout = (6, 3, 8, (1, 2, 2), 1, (2,))
+    values = {"norm_groups": 4, "image_size": 32, "dropout": 0.0}
+    monkeypatch.setitem(checkpoints.PUBLISHED, tiny_layout, ("sr_tiny.json", values))
+    with caplog.at_level(logging.WARNING):
+        ck = load_reference(tmp_path / "tiny_gen.pth")
+    assert ck.config == TINY
+    assert "the layout of the reference's sr_tiny.json" in caplog.text
+    assert "norm_groups=4, image_size=32, dropout=0.0" in caplog.text
+    caplog.clear()
+    ck = load_reference(tmp_path / "tiny_gen.pth", dropout=0.1)  # what is given wins
+    assert ck.config.dropout == 0.1 and "dropout" not in caplog.text
 
 
 def test_config_beside_checkpoint_may_carry_comments_after_values(tmp_path):

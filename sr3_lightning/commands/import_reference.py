@@ -21,11 +21,24 @@ def parser() -> ArgumentParser:
     p.add_argument(
         "--config", type=Path | None, default=None, help="reference config JSON it was trained with"
     )
-    p.add_argument("--norm-groups", type=int | None, default=None, help="GroupNorm groups if no config (32)")
     p.add_argument(
-        "--image-size", type=int | None, default=None, help="HR size trained at, if no config (128)"
+        "--norm-groups",
+        type=int | None,
+        default=None,
+        help="GroupNorm groups if no config (default: the published config with this layout, else 32)",
     )
-    p.add_argument("--dropout", type=float | None, default=None, help="UNet dropout if no config (0.2)")
+    p.add_argument(
+        "--image-size",
+        type=int | None,
+        default=None,
+        help="HR size trained at, if no config (default: as --norm-groups, else 128)",
+    )
+    p.add_argument(
+        "--dropout",
+        type=float | None,
+        default=None,
+        help="UNet dropout if no config (default: as --norm-groups, else 0.2)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output checkpoint, e.g. ffhq_16_128.ckpt")
     return p
 
