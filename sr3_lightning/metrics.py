@@ -1,8 +1,8 @@
 """Image-quality metrics computed as the reference SR3 code computes them, so numbers match its tables.
 
 The reference (Janspiry, `core/metrics.py`) quantises network output to uint8 (`tensor2img`) and measures
-PSNR / SSIM on those uint8 RGB arrays in float64. We do the same with torch, batched, without cv2
-(torchmetrics' PSNR / SSIM take float images and pad their SSIM window, so their numbers differ):
+PSNR / SSIM on those uint8 RGB arrays in float64. We do the same with torch, batched, without cv2, and
+check it against the reference's numbers (tests/test_metrics.py):
 - `to_uint8`: [-1, 1] float -> uint8, as `tensor2img`.
 - `psnr`, `ssim`: on uint8 `[B, 3, H, W]`, one value per image `[B]`.
 - `consistency`: PSNR between the SR result downsampled to the LR size and the LR input.
