@@ -92,6 +92,21 @@ def test_print_config_is_complete_and_reruns(tiny_shards, tmp_path, capsys):
     assert cli.trainer.global_step == 1
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in Path("configs").glob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    """What users start from must at least parse; the sweep_* files are overlays on finetune_anime.yaml."""
+    base = ["--config", "configs/finetune_anime.yaml"] if config.startswith("sweep_") else []
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", *base, "--config", f"configs/{config}", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    written = yaml.safe_load(Path(f"configs/{config}").read_text())
+    assert exit_info.value.code in (0, None)
+    for section in ("model", "data"):
+        for key, value in (written.get(section) or {}).items():
+            if not isinstance(value, dict | list):
+                assert printed[section][key] == value, f"{config}: {section}.{key}"
+
+
 def test_unknown_key_and_bad_value_fail_clearly(tiny_shards, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main([*fit_args(tiny_shards, tmp_path), "--model.lossy=l1"])
