@@ -63,7 +63,7 @@ class DomainEval(Callback):
         at_end: bool = True,
         original_domains: list[str] | None = None,
         sampler: Literal["ddpm", "ddim"] = "ddpm",
-        steps: int | None = 100,
+        steps: int | None = None,
         eta: float = 0.0,
         seed: int = 0,
         lpips: bool = True,
@@ -78,7 +78,8 @@ class DomainEval(Callback):
             original_domains: val domains the model was trained on before fine-tuning (e.g. [ffhq, celebahq]);
                 they get ``forget/{domain}/*`` keys. Each must be a val domain.
             sampler: ``ddpm`` (ancestral, the reference) or ``ddim``.
-            steps: K, respace the chain to K steps; None runs all T (the reference's numbers, slow).
+            steps: K, respace the chain to K steps (faster); None (default) runs all T, as the reference
+                validates (its numbers; slow).
             eta: DDIM noise scale (0 = deterministic); ignored by ``ddpm``.
             seed: seed of the sampling noise, reused at every evaluation so steps differ only by the weights.
             lpips: compute LPIPS (AlexNet). Needs the torchvision AlexNet file in the torch hub cache; without
