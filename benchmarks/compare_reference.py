@@ -40,8 +40,9 @@ from types import ModuleType
 import numpy as np
 import torch
 from device_info import device_name, synchronize
-from step_harness import CONFIGS, RESULTS, THREADS_HELP, fit_blocks, make_batch
+from step_harness import CONFIGS, THREADS_HELP, fit_blocks, make_batch, results_file
 
+from sr3_lightning.fast_paths import COMPILE_MODES
 from sr3_lightning.module import SR3Module
 
 REFERENCE_FILES = ("model/sr3_modules/unet.py", "model/sr3_modules/diffusion.py")
@@ -131,6 +132,7 @@ def reference_train_block(net, opt, batch: dict, device: torch.device, warmup: i
 def reference_reverse_block(net, cond: torch.Tensor, k: int, device: torch.device) -> float:
     """Mean time of one ``p_sample`` over k reverse steps (t = k-1 .. 0), as ``p_sample_loop`` runs them."""
     net.eval()
+    net.p_sample(torch.randn(cond.shape, device=device), 0, condition_x=cond)  # untimed, as ours
     synchronize(device)
     start = time.perf_counter()
     img = torch.randn(cond.shape, device=device)
@@ -141,10 +143,12 @@ def reference_reverse_block(net, cond: torch.Tensor, k: int, device: torch.devic
 
 
 def our_reverse_block(module, cond: torch.Tensor, k: int, device: torch.device, bf16: bool) -> float:
-    """Mean time of one reverse step of ``super_resolve`` over k ancestral steps from step k."""
-    synchronize(device)
-    start = time.perf_counter()
+    """Mean time of one reverse step of ``super_resolve`` over k ancestral steps from step k, after one
+    untimed step (the Trainer's teardown moved the model: CUDA graphs, if any, are recorded again)."""
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        module.super_resolve(cond, sampler="ddpm", t_start=1)
+        synchronize(device)
+        start = time.perf_counter()
         module.super_resolve(cond, sampler="ddpm", t_start=k)
     synchronize(device)
     return (time.perf_counter() - start) / k
@@ -174,6 +178,12 @@ def write_results(out: Path, meta: dict, batch: int, train: dict, reverse: dict)
     return rows
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: use a positive whole number")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reference", type=Path, required=True, help="root of a reference SR3 checkout")
@@ -181,10 +191,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true", help="ours only")
     ap.add_argument(
-        "--compile-mode", default="default", help="ours: torch.compile mode (reduce-overhead: CUDA graphs)"
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="ours: torch.compile mode (reduce-overhead: CUDA graphs)",
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--rounds", type=int, default=5, help="N: alternating rounds; medians over them")
+    ap.add_argument("--rounds", type=positive, default=5, help="N: alternating rounds; medians over them")
     ap.add_argument("--steps", type=int, default=None, help="training steps per block (20 GPU, 2 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per block (5 GPU, 1 CPU)")
     ap.add_argument("--reverse-steps", type=int, default=None, help="reverse steps per block (50 GPU, 4 CPU)")
@@ -245,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cudnn.benchmark = True  # the reference's sr.py setting; our Trainer sets it too
+    elif args.compile_mode != "default":
+        print(f"--compile-mode {args.compile_mode}: ours does not compile on the CPU (model.compile auto)")
     torch.manual_seed(0)
     np.random.seed(0)
     cfg, num_timesteps = CONFIGS[args.config]
@@ -259,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     meta |= {"precision": args.precision, "steps": args.steps or (20 if gpu else 2)}
     meta |= {"warmup": args.warmup if args.warmup is not None else (5 if gpu else 1)}
     meta |= {"reverse_steps": args.reverse_steps or (50 if gpu else 4)}
-    out = args.json or RESULTS / f"compare_reference-{device.type}_{args.config}.json"
+    mode = "" if args.compile_mode == "default" else args.compile_mode
+    out = args.json or results_file("compare_reference", device, args.config, args.precision, mode)
     out.parent.mkdir(parents=True, exist_ok=True)
     train, reverse = alternate(args, net, ref_opt, module, make_batch(cfg, args.batch), meta, out)
     print_summary(write_results(out, meta, args.batch, train, reverse), meta, args)

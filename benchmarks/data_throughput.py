@@ -115,8 +115,9 @@ def main() -> None:
             make_shards(src, out / str(workers), "bench", 16, 128, workers=workers, progress=False)
             speed = args.images / (time.perf_counter() - start)
             rows.append((f"make_shards {args.src_size}px -> 16/128", workers, speed, "images/s"))
+        subset = min(LIMIT, args.images)
         for label, limit, cache_bytes in (
-            (f"loader, {LIMIT}-image subset (in memory)", LIMIT, shards.CACHE_BYTES),
+            (f"loader, {subset}-image subset (in memory)", subset, shards.CACHE_BYTES),
             (f"loader, {args.images} images (streamed)", None, 0),  # as if too large to keep decoded
         ):
             shards.CACHE_BYTES = cache_bytes

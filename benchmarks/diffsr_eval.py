@@ -7,7 +7,7 @@ the one it was trained for; other scales are shown too, marked). Prints a Markdo
 domain, LPIPS, LR consistency, the fidelity loss, network evaluations and seconds per image) and writes it,
 the raw numbers and one example sheet per scale to ``--out``.
 
-    python benchmarks/diffsr_eval.py --ckpt RUN/checkpoints/last.ckpt --data SHARDS/val --prf prf.json \
+    python benchmarks/diffsr_eval.py --ckpt RUN/checkpoints/last.ckpt --data SHARDS/val --prf prf.json \\
         --scales 2,2.7,4,8 --native-scale 4 --out docs/diffsr
 """
 

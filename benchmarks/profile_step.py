@@ -28,16 +28,18 @@ import torch
 from device_info import device_name, synchronize
 from step_harness import (
     CONFIGS,
-    RESULTS,
     THREADS_HELP,
     combinations,
     fit_on_batch,
     make_batch,
     make_module,
+    results_file,
     row_name,
 )
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+
+from sr3_lightning.fast_paths import COMPILE_MODES, uses_cuda_graphs
 
 FASTEST = "bf16+nosync+sdpa+cl+fadam+compile"
 
@@ -107,7 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--combo", default=FASTEST, help="a row name of train_step.py, e.g. fp32+sync")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument(
-        "--compile-mode", default="default", help="torch.compile mode (reduce-overhead: CUDA graphs)"
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode (reduce-overhead: CUDA graphs)",
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=None, help="unprofiled steps (default 5 on GPU, 1 on CPU)")
@@ -128,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     if combo["precision"] == "bf16-mixed" and not gpu:
         combo = {**combo, "precision": "32-true"}
         print("bf16 autocast is a GPU fast path: profiling fp32 on the CPU")
+    if uses_cuda_graphs(args.compile_mode) and not gpu:
+        print(
+            f"--compile-mode {args.compile_mode}: CUDA graphs need a GPU; on the CPU it compiles without them"
+        )
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     steps = args.steps or (10 if gpu else 2)
     module = make_module(args.config, combo)
@@ -148,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     sort = "self_device_time_total" if gpu else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
-    out = args.json or RESULTS / f"profile_step-{device.type}_{args.config}.json"
+    mode = "" if args.compile_mode == "default" else args.compile_mode
+    out = args.json or results_file("profile_step", device, args.config, args.combo, mode, f"b{args.batch}")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": name, "torch": torch.__version__, "argv": sys.argv[1:], "combo": row_name(combo)}
     meta |= {

@@ -3,7 +3,8 @@
 Run by hand (never a test); prints a table and writes JSON (default ``benchmarks/results/``):
 
     python benchmarks/sampling.py --train                        # train the demo SR3 first, then measure
-    python benchmarks/sampling.py --train --train-time 00:00:04:00 -- --data.batch_size=64   # fit overrides
+    python benchmarks/sampling.py --train --train-steps 100000 --train-time 00:00:04:00 \\
+        -- --data.batch_size=64          # a time budget (the steps only cap it); fit overrides after --
     python benchmarks/sampling.py --ckpt RUN/checkpoints/last.ckpt --val photos:DIR science:DIR
 
 Model: ``--ckpt`` loads one of our checkpoints; ``--train`` trains the demo's small SR3 (8 -> 32 px) on
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 from device_info import device_name, synchronize
-from step_harness import RESULTS, THREADS_HELP
+from step_harness import THREADS_HELP, results_file
 
 from sr3_lightning.data.datamodule import SR3DataModule, ValDomain
 from sr3_lightning.data.shards import ShardIndex, find_index
@@ -52,7 +53,8 @@ def train_demo_model(
 ) -> Path:
     """The demo's small SR3 on real photographs for ``steps`` steps (or until ``max_time``, Lightning's
     ``DD:HH:MM:SS``, whichever comes first), reference schedule, plus ``overrides`` for ``fit`` (e.g.
-    ``--data.batch_size=64``); its last.ckpt."""
+    ``--data.batch_size=64``); its last.ckpt. An earlier run in ``run_dir`` is moved aside, never resumed:
+    its Lightning timer would count against ``max_time``."""
     from sr3_lightning.commands import demo
 
     budget = [f"--trainer.max_time={max_time}"] if max_time else []
@@ -62,6 +64,7 @@ def train_demo_model(
             str(data_dir),
             "--",
             f"--trainer.default_root_dir={run_dir}",
+            "--fresh=true",  # a new model each time (an earlier run is moved aside, not resumed)
             f"--trainer.max_steps={steps}",
             f"--trainer.accelerator={accelerator}",
             "--tracking.mode=disabled",
@@ -174,7 +177,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument(
-        "--json", type=Path, default=None, help="default: benchmarks/results/sampling-DEVICE.json"
+        "--json", type=Path, default=None, help="default: benchmarks/results/sampling-DEVICE[_compile].json"
     )
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return ap
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     meta |= {"trained_steps": step, "val": val_specs, "num_images": len(val["hr"]), "seeds": args.seeds}
     meta |= {"compile": args.compile, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    out_path = args.json or RESULTS / f"sampling-{device.type}.json"
+    out_path = args.json or results_file("sampling", device, "compile" if args.compile else "")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows, full = [], {}
     for row in rows_to_run(args.ks, args.starts, T):

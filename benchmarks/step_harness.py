@@ -5,6 +5,7 @@ on it with block timing. Keeping it in one place means every benchmark measures 
 from __future__ import annotations
 
 import itertools
+import re
 import resource
 import time
 from pathlib import Path
@@ -31,6 +32,16 @@ CONFIGS = {
         2000,
     ),
 }
+
+
+def results_file(script: str, device: torch.device, *tags: str) -> Path:
+    """The default JSON of a run: named by the script, the device and the options that choose its rows
+    (empty tags dropped), so the README's command pairs (fp32 then bf16, one combo then another) keep
+    both files."""
+    name = re.sub(r"[^a-z0-9]+", "_", "_".join([device.type, *(t for t in tags if t)]).lower()).strip("_")
+    return RESULTS / f"{script}-{name}.json"
+
+
 THREADS_HELP = "CPU threads (torch.set_num_threads); use 1 when other jobs load the cores (OpenMP stalls)"
 KNOBS = ("progress_bar_loss", "fused_attention", "channels_last", "fused_adam", "compile")
 LABELS = {"fused_attention": "sdpa", "channels_last": "cl", "fused_adam": "fadam", "compile": "compile"}

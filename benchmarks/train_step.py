@@ -3,7 +3,7 @@
 Run by hand (never a test); prints a table and writes JSON (default ``benchmarks/results/``):
 
     python benchmarks/train_step.py                                # 16->128 model; batch 4 (+ largest on GPU)
-    python benchmarks/train_step.py --combos ablation --batches 4 max
+    python benchmarks/train_step.py --combos ablation --batches 4 max    # GPU ('max': a GPU's memory)
     python benchmarks/train_step.py --config tiny --combos all --exclude bf16
 
 Each row is the real training step users run: ``SR3Module.training_step`` (+ optimizer step and the
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import statistics
 import subprocess
 import sys
@@ -36,18 +35,18 @@ from device_info import device_name, peak_tflops, train_flops
 from step_harness import (
     CONFIGS,
     KNOBS,
-    RESULTS,
     THREADS_HELP,
     combinations,
     fit_blocks,
     make_batch,
     make_module,
     peak_memory_bytes,
+    results_file,
     row_name,
     select_rows,
 )
 
-from sr3_lightning.fast_paths import find_max_batch, predict_max_batch
+from sr3_lightning.fast_paths import COMPILE_MODES, find_max_batch, predict_max_batch
 
 
 # ------------------------------------------------------------------------------- one measurement (subprocess)
@@ -141,8 +140,12 @@ def run_child(spec: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- driver
 def largest_batch(spec: dict, limit: int) -> int:
-    """Largest batch that trains without running out of memory (`search_max_batch`, in a fresh process)."""
+    """Largest batch that trains without running out of memory (`search_max_batch`, in a fresh process);
+    0 when the search process itself was killed for memory."""
     out = run_child({**spec, "search_limit": limit})
+    if out.get("oom"):
+        print(f"largest batch for {row_name(spec['combo'])}: the search was killed for memory")
+        return 0
     print(f"largest batch for {row_name(spec['combo'])}: {out['max_batch']} (probed {out['probes']})")
     return out["max_batch"]
 
@@ -214,6 +217,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", nargs="*", default=[], help="keep only these rows, e.g. fp32+nosync+sdpa+cl")
     ap.add_argument(
         "--compile-mode",
+        choices=COMPILE_MODES,
         default="default",
         help="torch.compile mode of the compile rows (reduce-overhead: CUDA graphs)",
     )
@@ -226,7 +230,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-batch-limit", type=int, default=1024)
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device peak used for MFU")
     ap.add_argument(
-        "--json", type=Path, default=None, help="default: benchmarks/results/train_step-DEVICE.json"
+        "--json",
+        type=Path,
+        default=None,
+        help="default: benchmarks/results/train_step-DEVICE_CONFIG_ROWS_BATCHES.json (after each row)",
     )
     ap.add_argument(
         "--interleave",
@@ -269,6 +276,13 @@ def child_row(args: argparse.Namespace, common: dict, combo: dict, batch: str) -
     return {**make_row(spec, out, device, args.peak_tflops), "max_batch": batch == "max"}
 
 
+def default_json(args: argparse.Namespace, device: torch.device, batches: list[str]) -> Path:
+    rows = "only_" + "_".join(args.only) if args.only else args.combos
+    mode = "" if args.compile_mode == "default" else args.compile_mode
+    excluded = "no_" + "_".join(args.exclude) if args.exclude else ""
+    return results_file("train_step", device, args.config, rows, excluded, mode, "b" + "_".join(batches))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.child:
@@ -283,6 +297,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(
             f"--batches {' '.join(bad)}: each must be a positive integer or 'max', e.g. 4 16 max"
         )
+    if "max" in batches and not gpu:
+        raise SystemExit(
+            "--batches max searches the GPU's memory; on the CPU a batch grows until the machine swaps or "
+            "the kernel kills it: give batch sizes instead, e.g. --batches 4 16"
+        )
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     combos = selected_combos(args)
     common = {
@@ -292,17 +311,17 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps or (20 if gpu else 2),
     }
     common |= {"repeats": args.repeats, "threads": torch.get_num_threads()}
+    out = args.json or default_json(args, device, batches)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device_name(device), "torch": torch.__version__, "argv": sys.argv[1:]}
+    meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = interleaved_rows(args, common, combos, batches) if args.interleave else []
     for combo in combos if not args.interleave else []:
         for b in batches:
             rows.append(child_row(args, common, combo, b))
             print_table(rows[-1:], device_name(device))
+            out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))  # rows so far survive a kill
     print_table(rows, device_name(device))
-    name = re.sub(r"[^a-z0-9]+", "_", device.type + "_" + args.config)
-    out = args.json or RESULTS / f"train_step-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"device": device_name(device), "torch": torch.__version__, "argv": sys.argv[1:]}
-    meta["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out}")
 
