@@ -22,20 +22,19 @@ from sr3_lightning.models.unet import UNet, UNetConfig
 
 PREFIX = "denoise_fn."
 UNSTORED = {"norm_groups": 32, "image_size": 128, "dropout": 0.2}  # not in the weights; the 16->128 model's
-_SR3_128 = {"norm_groups": 32, "image_size": 128, "dropout": 0.2}
-# The reference's published configs (its config/*.json), keyed by what their weights show: (in, out, inner
-# channels, channel multipliers, res blocks, attention levels). Weights without their JSON take the values
-# weights do not store from the config whose layout they have (the 64->512 model: GroupNorm 16).
+# The reference's published SR3 configs (its config/*.json), keyed by what their weights show: (in, out,
+# inner channels, channel multipliers, res blocks, attention levels). Weights without their JSON take the
+# values weights do not store from the config whose layout they have (the 64->512 model: GroupNorm 16).
+# Its *_ddpm_* configs build another UNet (which_model_G "ddpm"), which this project does not implement.
 PUBLISHED: dict[tuple, tuple[str, dict]] = {
-    (6, 3, 64, (1, 2, 4, 8, 8), 2, (3,)): ("sr_sr3_16_128.json", _SR3_128),
+    (6, 3, 64, (1, 2, 4, 8, 8), 2, (3,)): ("sr_sr3_16_128.json", UNSTORED),
     (6, 3, 64, (1, 2, 4, 8, 16), 1, ()): (
         "sr_sr3_64_512.json",
         {"norm_groups": 16, "image_size": 512, "dropout": 0.0},
     ),
-    (6, 3, 64, (1, 1, 2, 2, 4, 4), 2, (3,)): ("sr_ddpm_16_128.json", _SR3_128),
-    (3, 3, 64, (1, 2, 4, 8, 8), 2, (3,)): ("sample_sr3_128.json", _SR3_128),
-    (3, 3, 64, (1, 1, 2, 2, 4, 4), 2, (3,)): ("sample_ddpm_128.json", _SR3_128),
+    (3, 3, 64, (1, 2, 4, 8, 8), 2, (3,)): ("sample_sr3_128.json", UNSTORED),
 }
+DDPM_MODULE = "the reference's DDPM-module UNet (which_model_G 'ddpm'), which this project does not implement"
 log = logging.getLogger(__name__)
 
 
@@ -100,6 +99,10 @@ def read_reference_config(path: Path) -> tuple[UNetConfig, dict]:
     """UNet config and training schedule from a reference JSON (``model.unet``, ``model.beta_schedule``)."""
     try:
         model = json.loads(strip_json_comments(Path(path).read_text()))["model"]
+        if model.get("which_model_G", "sr3") != "sr3":
+            raise CheckpointError(
+                f"config {path} builds {DDPM_MODULE}; only the reference's sr3 models load."
+            )
         u = model["unet"]
         config = UNetConfig(
             in_channel=u["in_channel"],
@@ -130,18 +133,13 @@ def read_reference_config(path: Path) -> tuple[UNetConfig, dict]:
 def unstored_defaults(weights: dict[str, Tensor]) -> tuple[str | None, dict]:
     """The published reference config whose layout the weights have, and its GroupNorm groups, image size
     and dropout; (None, the 16->128 model's values) for any other layout."""
-    c = infer_unet_config(weights)
-    levels = tuple(sorted((c.image_size // r).bit_length() - 1 for r in c.attn_res))
-    layout = (c.in_channel, c.out_channel, c.inner_channel, tuple(c.channel_multiplier), c.res_blocks, levels)
-    name, values = PUBLISHED.get(layout, (None, UNSTORED))
+    name, values = PUBLISHED.get(_layout(weights), (None, UNSTORED))
     return name, dict(values)
 
 
-def infer_unet_config(
-    weights: dict[str, Tensor], norm_groups: int = 32, dropout: float = 0.2, image_size: int = 128
-) -> UNetConfig:
-    """Read the architecture off the weights. GroupNorm groups, dropout and the training image size are not
-    stored in weights; they default to the reference 16->128 values unless given."""
+def _layout(weights: dict[str, Tensor]) -> tuple[int, int, int, tuple[int, ...], int, tuple[int, ...]]:
+    """What the weights store of the architecture: (in, out, inner channels, channel multipliers, res blocks
+    per level, levels with attention)."""
     try:
         first = weights["downs.0.weight"]
         out = weights["final_conv.block.3.weight"]
@@ -167,14 +165,23 @@ def infer_unet_config(
     blocks.append(count)
     if len(set(blocks)) != 1:
         raise CheckpointError(f"uneven res blocks per level {blocks}: not an SR3 UNet layout.")
+    return in_ch, out.shape[0], inner, tuple(mults), blocks[0], tuple(sorted(attn_levels))
+
+
+def infer_unet_config(
+    weights: dict[str, Tensor], norm_groups: int = 32, dropout: float = 0.2, image_size: int = 128
+) -> UNetConfig:
+    """Read the architecture off the weights. GroupNorm groups, dropout and the training image size are not
+    stored in weights; they default to the reference 16->128 values unless given."""
+    in_ch, out_ch, inner, mults, blocks, attn_levels = _layout(weights)
     return UNetConfig(
         in_channel=in_ch,
-        out_channel=out.shape[0],
+        out_channel=out_ch,
         inner_channel=inner,
         norm_groups=norm_groups,
-        channel_multiplier=tuple(mults),
-        attn_res=tuple(image_size >> lv for lv in sorted(attn_levels)),
-        res_blocks=blocks[0],
+        channel_multiplier=mults,
+        attn_res=tuple(image_size >> lv for lv in attn_levels),
+        res_blocks=blocks,
         dropout=dropout,
         image_size=image_size,
     )
@@ -235,7 +242,8 @@ def load_reference(
 
     The architecture comes from ``config`` (a reference JSON or a UNetConfig), else from a reference
     JSON beside the checkpoint (see ``find_reference_config``), else from the weights themselves, with
-    the values weights do not store taken from the arguments or, with a warning, the 16->128 model's.
+    the values weights do not store taken from the arguments or, with a warning, from the published config
+    with this layout (``PUBLISHED``), else the 16->128 model's.
     """
     gen_path = Path(gen_path)
     state = torch_load(gen_path, "generator checkpoint")
@@ -251,6 +259,10 @@ def load_reference(
             f"{gen_path}: unexpected key {foreign[0] if foreign else '(no denoise_fn.* weights)'}; "
             "a reference *_gen.pth holds schedule buffers and denoise_fn.* weights. "
             "Is this an *_opt.pth or another model?"
+        )
+    if any(k.startswith("time_mlp.") for k in weights):
+        raise CheckpointError(
+            f"{gen_path}: these weights are {DDPM_MODULE}; only the reference's sr3 models load."
         )
     spec = None
     if config is None:

@@ -3,14 +3,25 @@ or a reference ``*_gen.pth`` / ``*_opt.pth`` pair, loaded strictly into the conf
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sr3_lightning.checkpoints import CheckpointError, check_shapes, load_reference, torch_load
+from sr3_lightning.checkpoints import (
+    CheckpointError,
+    check_shapes,
+    find_reference_config,
+    load_reference,
+    read_reference_config,
+    torch_load,
+    unstored_defaults,
+)
 from sr3_lightning.diffusion.schedule import Schedule, make_schedule
-from sr3_lightning.models.unet import UNet
+from sr3_lightning.models.unet import UNet, UNetConfig
+
+log = logging.getLogger(__name__)
 
 # Optimizer group keys that pick a kernel, not an optimisation setting (fused is re-chosen at train start).
 KERNEL_CHOICES = frozenset({"fused", "foreach", "capturable", "differentiable"})
@@ -95,6 +106,33 @@ def load_init_weights(source: str | Path, unet: UNet) -> InitWeights:
         return InitWeights(opt_states[0], f"{path} (step {ckpt.get('global_step', 0)})", schedule, spec)
     gen, opt = resolve_reference_pair(source)
     ref = load_reference(gen, opt, config=unet.config)
+    check_norm_groups(unet.config, gen, ref.unet.state_dict())
     unet.load_state_dict(ref.unet.state_dict(), strict=True)
     description = f"reference {gen} (iteration {ref.step}, epoch {ref.epoch})"
     return InitWeights(ref.optimizer_state, description, ref.schedule, ref.schedule_spec)
+
+
+def check_norm_groups(config: UNetConfig, gen: Path, weights: dict[str, torch.Tensor]) -> None:
+    """GroupNorm groups are not in the weights: any divisor of the widths loads, and a wrong one changes
+    every output. A config JSON beside the checkpoint settles it (an error); a published layout hints."""
+    beside = find_reference_config(gen)
+    if beside is not None:
+        trained = read_reference_config(beside)[0].norm_groups
+        if trained != config.norm_groups:
+            raise CheckpointError(
+                f"model.unet.norm_groups={config.norm_groups}, but {beside} (beside {gen.name}) trained it "
+                f"with {trained}: set model.unet.norm_groups: {trained}"
+            )
+        return
+    published, values = unstored_defaults(weights)
+    if published and values["norm_groups"] != config.norm_groups:
+        log.warning(
+            "%s has the layout of the reference's %s, which uses GroupNorm %d groups, but "
+            "model.unet.norm_groups is %d: every output differs unless it was trained that way. "
+            "Set model.unet.norm_groups: %d",
+            gen,
+            published,
+            values["norm_groups"],
+            config.norm_groups,
+            values["norm_groups"],
+        )

@@ -1,3 +1,4 @@
+import json
 import logging
 import shutil
 
@@ -192,3 +193,35 @@ def test_init_from_on_another_noise_schedule_warns_with_both(caplog, tmp_path):
         assert not caplog.records
         SR3Module(unet=TINY, num_timesteps=2000, beta_end=2e-2, init_from=str(ckpt))
     assert "'end': 0.02" in caplog.text and "model.beta_end" in caplog.text
+
+
+def test_init_from_checks_groupnorm_groups_the_weights_cannot_show(tmp_path, caplog, monkeypatch):
+    """Any divisor of the widths loads; the config beside the pair settles the groups, a published layout
+    hints at them."""
+    for name in ("tiny_gen.pth", "tiny_opt.pth"):
+        shutil.copy(REF / name, tmp_path / name)
+    config = json.loads((REF / "tiny_config.json").read_text())
+    config["model"]["unet"]["norm_groups"] = 2
+    (tmp_path / "tiny_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"norm_groups=4, but .*tiny_config.json .* with 2: set"):
+        SR3Module(unet=TINY, num_timesteps=100, init_from=str(tmp_path / "tiny"))
+    (tmp_path / "tiny_config.json").unlink()
+    tiny_layout = (6, 3, 8, (1, 2, 2), 1, (2,))
+    monkeypatch.setitem(checkpoints.PUBLISHED, tiny_layout, ("sr_tiny.json", {"norm_groups": 2}))
+    with caplog.at_level(logging.WARNING):
+        SR3Module(unet=TINY, num_timesteps=100, init_from=str(tmp_path / "tiny"))
+    assert "layout of the reference's sr_tiny.json, which uses GroupNorm 2 groups" in caplog.text
+    assert "Set model.unet.norm_groups: 2" in caplog.text
+
+
+def test_the_reference_ddpm_module_unet_is_named_not_mangled(tmp_path):
+    state = torch.load(REF / "tiny_gen.pth", weights_only=True)
+    state["denoise_fn.time_mlp.1.weight"] = torch.zeros(4, 4)
+    torch.save(state, tmp_path / "ddpm_gen.pth")
+    with pytest.raises(CheckpointError, match="DDPM-module UNet .* only the reference's sr3 models load"):
+        load_reference(tmp_path / "ddpm_gen.pth")
+    config = json.loads((REF / "tiny_config.json").read_text())
+    config["model"]["which_model_G"] = "ddpm"
+    (tmp_path / "ddpm.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="ddpm.json builds the reference's DDPM-module UNet"):
+        load_reference(REF / "tiny_gen.pth", config=tmp_path / "ddpm.json")

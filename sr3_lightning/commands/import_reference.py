@@ -31,13 +31,13 @@ def parser() -> ArgumentParser:
         "--image-size",
         type=int | None,
         default=None,
-        help="HR size trained at, if no config (default: as --norm-groups, else 128)",
+        help="HR size trained at, if no config (default: the published config with this layout, else 128)",
     )
     p.add_argument(
         "--dropout",
         type=float | None,
         default=None,
-        help="UNet dropout if no config (default: as --norm-groups, else 0.2)",
+        help="UNet dropout if no config (default: the published config with this layout, else 0.2)",
     )
     p.add_argument("--out", type=Path, required=True, help="output checkpoint, e.g. ffhq_16_128.ckpt")
     return p
