@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from sr3_lightning.callbacks import DomainEval, SampleGrid
+from sr3_lightning.callbacks.domain_eval import regroup
 from sr3_lightning.data import SR3DataModule, TrainDomain, ValDomain
 from sr3_lightning.metrics import LpipsWeightsMissing, consistency, psnr, ssim, to_uint8
 from sr3_lightning.module import SR3Module
@@ -154,6 +155,40 @@ def test_diversity_is_zero_for_regression_and_positive_for_diffusion(
         diversity[objective] = [evaluation.history[0][f"val/{d}/diversity"] for d in VAL_DOMAINS]
     assert diversity["regression"] == [0.0, 0.0]
     assert all(0.0 < v <= 0.5 for v in diversity["diffusion"])
+
+
+def test_eval_numbers_do_not_depend_on_its_batch_size(tmp_path: Path, tiny_shards: Path) -> None:
+    """All of a domain's images in one batch (the default: fewest network calls), or one at a time: each
+    image draws its noise from the seed and its key, so every per-image number is the same."""
+    tables = {}
+    for batch_size in (None, 1):
+        evaluation = DomainEval(lpips=False, at_end=False, batch_size=batch_size, **FAST)
+        trainer = fit(tmp_path / str(batch_size), [evaluation], tiny_shards, make_module(), max_steps=1)
+        with open(Path(trainer.log_dir) / "eval" / "ffhq_step000000.csv") as f:
+            tables[batch_size] = list(csv.DictReader(f))
+    assert len(tables[None]) == NUM_VAL and [r["key"] for r in tables[None]] == [r["key"] for r in tables[1]]
+    for one, alone in zip(tables[None], tables[1]):
+        assert float(one["psnr"]) == pytest.approx(float(alone["psnr"]), abs=0.02)  # uint8: within 1 level
+        assert float(one["ssim"]) == pytest.approx(float(alone["ssim"]), abs=1e-3)
+
+
+def test_regroup_cuts_loader_batches_into_eval_batches() -> None:
+    loader = [
+        {
+            "lr": torch.full((2, 1), float(i)),
+            "lr_up": torch.zeros(2, 1),
+            "hr": torch.zeros(2, 1),
+            "key": [f"{i}a", f"{i}b"],
+        }
+        for i in range(3)
+    ]
+    sizes = {size: [len(b["key"]) for b in regroup(loader, size)] for size in (None, 1, 4, 6, 10)}
+    assert sizes == {None: [6], 1: [1] * 6, 4: [4, 2], 6: [6], 10: [6]}
+    batches = list(regroup(loader, 4))
+    assert batches[1]["key"] == ["2a", "2b"] and batches[1]["lr"].flatten().tolist() == [2.0, 2.0]
+    assert batches[0]["lr"].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    unnamed = [{k: v for k, v in b.items() if k != "key"} for b in loader]
+    assert next(regroup(unnamed, None))["key"] == ["0", "1", "2", "3", "4", "5"]
 
 
 def test_resume_keeps_the_step0_baseline(tmp_path: Path, tiny_shards: Path) -> None:

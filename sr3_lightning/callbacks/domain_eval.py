@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sr3_lightning.callbacks.sample_grid import log_wandb_image, run_dir, to_png, val_domains
+from sr3_lightning.diffusion.sampling import image_generator
 from sr3_lightning.metrics import (
     build_lpips,
     check_lpips_weights,
@@ -69,6 +71,7 @@ class DomainEval(Callback):
         lpips: bool = True,
         lpips_backbone: Literal["pretrained", "random"] = "pretrained",
         diversity_samples: int = 0,
+        batch_size: int | None = None,
     ) -> None:
         """
         Args:
@@ -91,6 +94,9 @@ class DomainEval(Callback):
                 (population std, on (x+1)/2 so in [0, 0.5]) averaged over pixels and images; 0 for the
                 regression objective. Also saves ``{run_dir}/grids/diversity_{domain}_step{step:06d}.png``
                 (rows: first images; columns: bicubic | n samples | HR). 0 = off; costs n chains per image.
+            batch_size: images super-resolved at once; None = all of a domain's val images in one batch
+                (fewest network calls; lower it if the GPU runs out of memory). Each image draws its noise
+                from ``seed`` and its key, so the numbers do not depend on it.
         """
         super().__init__()
         if every_n_steps is not None and every_n_steps < 1:
@@ -101,6 +107,8 @@ class DomainEval(Callback):
             raise ValueError(f"steps={steps}: use a positive number of sampling steps, or null for all T")
         if diversity_samples == 1 or diversity_samples < 0:
             raise ValueError(f"diversity_samples={diversity_samples}: use 0 (off) or at least 2 samples")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: use a positive number of images, or null for all")
         self.every_n_steps = every_n_steps
         self.at_steps = sorted(set(at_steps or []))
         self.at_end = at_end
@@ -112,6 +120,7 @@ class DomainEval(Callback):
         self.lpips = lpips
         self.lpips_backbone = lpips_backbone
         self.diversity_samples = diversity_samples
+        self.batch_size = batch_size
         self.lpips_name = "lpips" if lpips_backbone == "pretrained" else "lpips_random"
         self.baseline: dict[str, dict[str, float]] | None = None  # domain -> metric -> value at baseline_step
         self.baseline_step: int | None = None
@@ -142,7 +151,11 @@ class DomainEval(Callback):
     def state_key(self) -> str:
         # What defines the measurement, not the schedule: a resumed run may list more at_steps and still get
         # its baseline back, while a changed sampler does not compare against a baseline it never measured.
-        return self._generate_state_key(sampler=self.sampler, steps=self.steps, eta=self.eta, seed=self.seed)
+        # `noise` marks per-image noise (seed and key): baselines measured with one generator per batch
+        # are not compared against.
+        return self._generate_state_key(
+            sampler=self.sampler, steps=self.steps, eta=self.eta, seed=self.seed, noise="per-image"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -233,7 +246,6 @@ class DomainEval(Callback):
         if self._lpips_model is not None:
             self._lpips_model.to(device)
         n_draws = max(1, self.diversity_samples)
-        gens = [torch.Generator(device=device).manual_seed(self.seed + j) for j in range(n_draws)]
         need_bicubic = domain not in self.bicubic
         keys: list[str] = []
         per_image: dict[str, list[Tensor]] = {}
@@ -242,13 +254,17 @@ class DomainEval(Callback):
         bar = tqdm(
             desc=f"eval {domain} @ step {step}", unit="img", total=_size(loader), disable=None, leave=False
         )
-        for batch in loader:
+        for batch in regroup(loader, self.batch_size):
             lr, lr_up, hr = (batch[k].to(device) for k in ("lr", "lr_up", "hr"))
             samples = [
                 pl_module.super_resolve(
-                    lr_up, sampler=self.sampler, steps=self.steps, eta=self.eta, generator=g
+                    lr_up,
+                    sampler=self.sampler,
+                    steps=self.steps,
+                    eta=self.eta,
+                    generator=[image_generator(self.seed + j, f"{domain}:{k}", device) for k in batch["key"]],
                 ).images.clamp(-1.0, 1.0)
-                for g in gens
+                for j in range(n_draws)
             ]
             scores = self._image_metrics(samples[0], hr, lr)
             if self.diversity_samples:
@@ -262,7 +278,7 @@ class DomainEval(Callback):
             if need_bicubic:
                 for k, v in self._image_metrics(lr_up, hr, lr).items():
                     bicubic.setdefault(f"bicubic_{k}", []).append(v.double().cpu())
-            keys.extend(str(k) for k in batch.get("key", [f"{len(keys) + i}" for i in range(len(hr))]))
+            keys.extend(batch["key"])
             bar.update(len(hr))
         bar.close()
         if not keys:
@@ -305,6 +321,26 @@ class DomainEval(Callback):
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.log_table(key=f"eval/{domain}", columns=names, data=rows, step=step)
+
+
+def regroup(loader: Iterable[dict[str, Any]], size: int | None) -> Iterator[dict[str, Any]]:
+    """The loader's images (``lr``, ``lr_up``, ``hr``, ``key``) in batches of ``size`` (None: one batch).
+    Images without a key are named by their position."""
+    held: dict[str, list] = {"lr": [], "lr_up": [], "hr": [], "key": []}
+    count = seen = 0
+    for batch in loader:
+        n = len(batch["hr"])
+        for k in ("lr", "lr_up", "hr"):
+            held[k].append(batch[k])
+        held["key"].extend(str(k) for k in batch.get("key", range(seen, seen + n)))
+        count, seen = count + n, seen + n
+        while size is not None and count >= size:
+            tensors = {k: torch.cat(held[k]) for k in ("lr", "lr_up", "hr")}
+            yield {**{k: v[:size] for k, v in tensors.items()}, "key": held["key"][:size]}
+            held = {**{k: [v[size:]] for k, v in tensors.items()}, "key": held["key"][size:]}
+            count -= size
+    if count:
+        yield {**{k: torch.cat(held[k]) for k in ("lr", "lr_up", "hr")}, "key": held["key"]}
 
 
 def _size(loader: Any) -> int | None:

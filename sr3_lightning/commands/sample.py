@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import zipfile
@@ -14,6 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sr3_lightning.data.degradations import resize_and_crop, to_rgb
+from sr3_lightning.diffusion.sampling import image_generator
 from sr3_lightning.images import (
     check_out_folder,
     check_output_names,
@@ -88,13 +88,6 @@ def check_steps(steps: int | None, model: SR3Module) -> None:
     total = model.hparams.num_timesteps
     if steps is not None and steps > total and model.hparams.objective == "diffusion":
         raise ValueError(f"--steps {steps}: this model's chain has {total} steps; use 1..{total}")
-
-
-def image_generator(seed: int, name: str, device: str) -> torch.Generator:
-    """Noise for one image from --seed and its file name: its result does not depend on the batch size
-    or on which other images are in the folder."""
-    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def check_args(args: Namespace) -> None:

@@ -18,10 +18,11 @@ from jsonargparse import ArgumentParser, Namespace
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sr3_lightning.commands.sample import check_steps, image_generator, load_model
+from sr3_lightning.commands.sample import check_steps, load_model
 from sr3_lightning.data.degradations import to_rgb
 from sr3_lightning.diffsr.noise_level import choose_level, load_prf_table, parse_noise_level
 from sr3_lightning.diffsr.upscale import SAMPLERS, bicubic_to, check_scale, diffsr, parse_size, target_size
+from sr3_lightning.diffusion.sampling import image_generator
 from sr3_lightning.images import (
     check_out_folder,
     check_output_names,

@@ -8,6 +8,7 @@ recorded intermediate states.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +68,13 @@ def gaussian_like(x: Tensor, generator: Generators = None) -> Tensor:
     return torch.stack(
         [torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator]
     )
+
+
+def image_generator(seed: int, name: str, device: str | torch.device) -> torch.Generator:
+    """Noise for one image from a seed and its name (file name, shard key): its result does not depend on
+    the batch size or on which other images are sampled beside it."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def _gaussian(generator: Generators) -> NoiseFn:
