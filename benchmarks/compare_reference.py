@@ -179,6 +179,7 @@ def write_results(out: Path, meta: dict, batch: int, train: dict, reverse: dict)
 
 
 def positive(text: str) -> int:
+    """argparse type: a count of 1 or more (0 rounds or steps has no median to report)."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text}: use a positive whole number")
     return int(text)
@@ -198,9 +199,11 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rounds", type=positive, default=5, help="N: alternating rounds; medians over them")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per block (20 GPU, 2 CPU)")
+    ap.add_argument("--steps", type=positive, default=None, help="training steps per block (20 GPU, 2 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per block (5 GPU, 1 CPU)")
-    ap.add_argument("--reverse-steps", type=int, default=None, help="reverse steps per block (50 GPU, 4 CPU)")
+    ap.add_argument(
+        "--reverse-steps", type=positive, default=None, help="reverse steps per block (50 GPU, 4 CPU)"
+    )
     ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/compare_reference-…")
     ap.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return ap

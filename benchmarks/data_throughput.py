@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--gpu-step-ms", type=float, default=None, help="measured 16->128 train step time")
     args = parser.parse_args()
+    if min(args.images, args.src_size, args.batches, args.batch_size) < 1:
+        raise SystemExit("--images, --src-size, --batches and --batch-size must each be at least 1")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 

@@ -233,7 +233,7 @@ def parser() -> argparse.ArgumentParser:
         "--json",
         type=Path,
         default=None,
-        help="default: benchmarks/results/train_step-DEVICE_CONFIG_ROWS_BATCHES.json (after each row)",
+        help="default: benchmarks/results/train_step-DEVICE_CONFIG_ROWS_BATCHES.json (rewritten per row)",
     )
     ap.add_argument(
         "--interleave",
@@ -266,7 +266,7 @@ def child_row(args: argparse.Namespace, common: dict, combo: dict, batch: str) -
     spec = {**common, "combo": combo, "batch": 4}
     spec["batch"] = largest_batch(spec, args.max_batch_limit) if batch == "max" else int(batch)
     if spec["batch"] == 0:
-        return {"config": args.config, "batch": 0, "combo": row_name(combo), "oom": True}
+        return {**make_row(spec, {"oom": True}, device, args.peak_tflops), "max_batch": True}
     out = run_child(spec)
     for _ in range(3 if batch == "max" else 0):  # compile may need more memory than the eager probe
         if not out.get("oom"):

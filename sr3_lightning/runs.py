@@ -249,6 +249,7 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
     runs: dict[str, Run] = {}
     left_out: list[str] = []
     for source in sources:
+        before = len(left_out)
         if source.startswith("wandb:"):
             found = _wandb_runs(source.removeprefix("wandb:"), left_out)
         elif not Path(source).exists():
@@ -264,7 +265,7 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
                 else ("a run directory holds config.yaml and metrics.csv")
             )
             raise FileNotFoundError(
-                f"no finished runs under {source} ({where})" + "".join(f"; {w}" for w in left_out)
+                f"no finished runs under {source} ({where})" + "".join(f"; {w}" for w in left_out[before:])
             )
         runs.update({str(Path(r.source).resolve()) if ":" not in r.source else r.source: r for r in found})
     out = [r for r in runs.values() if r.evals]

@@ -92,19 +92,46 @@ def test_print_config_is_complete_and_reruns(tiny_shards, tmp_path, capsys):
     assert cli.trainer.global_step == 1
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in Path("configs").glob("*.yaml")))
-def test_every_shipped_config_parses(config, capsys):
-    """What users start from must at least parse; the sweep_* files are overlays on finetune_anime.yaml."""
-    base = ["--config", "configs/finetune_anime.yaml"] if config.startswith("sweep_") else []
+def config_stacks() -> list[list[str]]:
+    """Each plain config alone, and each sweep's --config stack as its command line runs it."""
+    plain = [[str(p)] for p in sorted(Path("configs").glob("*.yaml")) if not p.name.startswith("sweep_")]
+    stacks = []
+    for sweep in sorted(Path("sweeps").glob("*.yaml")):
+        command = yaml.safe_load(sweep.read_text())["command"]
+        stacks.append([command[i + 1] for i, arg in enumerate(command) if arg == "--config"])
+    overlays = {c for stack in stacks for c in stack if Path(c).name.startswith("sweep_")}
+    assert overlays == {str(p) for p in Path("configs").glob("sweep_*.yaml")}  # every overlay is used
+    return plain + stacks
+
+
+def holds(printed: object, written: object) -> bool:
+    """Every value written in a config is in the printed one (dicts: the keys written; lists: each item)."""
+    if isinstance(written, dict):
+        return isinstance(printed, dict) and all(
+            k in printed and holds(printed[k], v) for k, v in written.items()
+        )
+    if isinstance(written, list):
+        return (
+            isinstance(printed, list) and len(printed) == len(written) and all(map(holds, printed, written))
+        )
+    return printed == written
+
+
+@pytest.mark.parametrize("stack", config_stacks(), ids=lambda stack: "+".join(Path(c).stem for c in stack))
+def test_every_shipped_config_parses_and_keeps_its_values(stack, capsys):
+    """What users start from must parse, with each value the last config in the stack wrote."""
+    args = [a for c in stack for a in ("--config", c)]
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", *base, "--config", f"configs/{config}", "--print_config"])
+        cli_main(["fit", *args, "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    written = yaml.safe_load(Path(f"configs/{config}").read_text())
     assert exit_info.value.code in (0, None)
-    for section in ("model", "data"):
-        for key, value in (written.get(section) or {}).items():
-            if not isinstance(value, dict | list):
-                assert printed[section][key] == value, f"{config}: {section}.{key}"
+    merged: dict = {}
+    for config in stack:
+        for section, values in yaml.safe_load(Path(config).read_text()).items():
+            # a later config replaces a section's keys it writes (a list such as trainer.callbacks whole)
+            merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+    for section in ("model", "data", "trainer", "tracking"):
+        assert holds(printed[section], merged.get(section, {})), f"{stack}: {section}"
 
 
 def test_unknown_key_and_bad_value_fail_clearly(tiny_shards, tmp_path, capsys):
