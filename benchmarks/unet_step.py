@@ -1,41 +1,47 @@
-"""UNet forward time and training steps/s on this machine, fp32 (run by hand; prints a table, writes JSON).
+"""UNet forward time and training steps/s, fp32 eager, no Lightning (by hand; prints a table, writes JSON).
 
-python benchmarks/unet_step.py --configs real tiny --batch 4 --repeats 5
+    python benchmarks/unet_step.py --configs real tiny --batch 4 --repeats 5
+    python benchmarks/unet_step.py --configs real --batch 8 --device cuda    # t_fwd of the README cost table
+
+Eager fp32 without the fast paths (compile, channels_last, bf16) that ``fit`` turns on with CUDA: an upper
+bound on what a GPU run spends per step and per evaluation forward.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
 import torch
+from device_info import device_name, synchronize
 from step_harness import CONFIGS  # the 16->128 model and the demo's
 
 from sr3_lightning.diffusion import denoising_loss, make_schedule, sample_noise_level
 from sr3_lightning.models.unet import UNet
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+def timed(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up (cuDNN picks its algorithms)
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def bench(name: str, batch: int, repeats: int) -> dict:
+def bench(name: str, batch: int, repeats: int, device: torch.device) -> dict:
     cfg, T = CONFIGS[name]
-    unet = UNet(cfg)
-    sched = make_schedule("linear", T)
+    unet = UNet(cfg).to(device)
+    sched = make_schedule("linear", T).to(device)
     size = cfg.image_size
-    x = torch.randn(batch, 6, size, size)
-    level = torch.rand(batch)
-    hr, cond = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 6, size, size, device=device)
+    level = torch.rand(batch, device=device)
+    hr, cond = (torch.randn(batch, 3, size, size, device=device) for _ in range(2))
     opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
 
     def forward() -> None:
@@ -50,7 +56,7 @@ def bench(name: str, batch: int, repeats: int) -> dict:
         loss.backward()
         opt.step()
 
-    fwd, step = timed(forward, repeats), timed(train_step, repeats)
+    fwd, step = timed(forward, repeats, device), timed(train_step, repeats, device)
     return {
         "config": name,
         "batch": batch,
@@ -66,10 +72,14 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["tiny", "real"], choices=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args()
-    rows = [bench(c, args.batch, args.repeats) for c in args.configs]
-    print(f"device: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the GPU configs (trainer.benchmark)
+    rows = [bench(c, args.batch, args.repeats, device) for c in args.configs]
+    print(f"device: {device_name(device)}, torch {torch.__version__}")
     print(f"{'config':>6} {'batch':>5} {'params':>11} {'forward s':>10} {'train step s':>13} {'steps/s':>8}")
     for r in rows:
         print(
