@@ -197,3 +197,19 @@ def test_sample_warns_about_cropping_and_caps_its_sheet(tiny_ckpt, tmp_path, cap
         len(list((tmp_path / "out").glob("*_sr.png"))) == 3 and "(the sheet shows the first 2)" in caplog.text
     )
     assert Image.open(tmp_path / "out" / "sheet.png").height == 12 + 2 * (32 + 2) + 2  # title + 2 rows
+
+
+@pytest.mark.parametrize(("command", "examples"), [("sweep", 4), ("report", 2)])
+def test_help_keeps_one_example_command_per_line(command, examples, capsys):
+    with pytest.raises(SystemExit):
+        cli_main([command, "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    shown = [line for line in lines if line.startswith("    python -m sr3_lightning ")]
+    assert len(shown) == examples and all(line.count("python -m") == 1 for line in shown)
+
+
+def test_command_flags_are_never_abbreviated(tmp_path, capsys):
+    """``--batch`` is not taken for ``--batch-size``: a typo must not silently pick another flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["sample", "--ckpt", "x.ckpt", "--input", "in", "--out", str(tmp_path), "--batch", "2"])
+    assert exit_info.value.code == 2 and "--batch" in capsys.readouterr().err

@@ -17,6 +17,8 @@ import numpy as np
 from jsonargparse import ArgumentParser
 from PIL import Image
 
+from sr3_lightning.commands import command_parser
+
 log = logging.getLogger(__name__)
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -33,7 +35,7 @@ MARKER = "demo_source.json"  # written into --data-dir: says the demo made its i
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="sr3-lightning demo", description=__doc__)
+    p = command_parser("demo", __doc__)
     p.add_argument(
         "--src", type=Path | None, default=None, help="your own image folder (default: bundled photos)"
     )

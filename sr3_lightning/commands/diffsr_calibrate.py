@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sr3_lightning.commands import command_parser
 from sr3_lightning.commands.sample import load_model
 from sr3_lightning.data.degradations import resize_and_crop
 from sr3_lightning.data.shards import INDEX_NAME, SampleReader, ShardIndex, locate_samples
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="sr3-lightning diffsr-calibrate", description=__doc__)
+    p = command_parser("diffsr-calibrate", __doc__)
     p.add_argument("--ckpt", type=Path, required=True, help="our checkpoint (.ckpt), SR3 or unconditional")
     p.add_argument(
         "--data", type=Path, required=True, help="a domain's shard directory, or a parent of several"

@@ -8,12 +8,13 @@ from pathlib import Path
 from jsonargparse import ArgumentParser
 
 from sr3_lightning.checkpoints import CheckpointError, load_reference, write_checkpoint
+from sr3_lightning.commands import command_parser
 
 log = logging.getLogger(__name__)
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="sr3-lightning import-reference", description=__doc__)
+    p = command_parser("import-reference", __doc__)
     p.add_argument(
         "--gen", type=Path, required=True, help="reference generator file, e.g. I640000_E37_gen.pth"
     )

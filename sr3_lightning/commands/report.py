@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from sr3_lightning.commands import command_parser
 from sr3_lightning.images import check_out_folder
 from sr3_lightning.report import write_report
 from sr3_lightning.runs import load_runs
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="sr3-lightning report", description=__doc__)
+    p = command_parser("report", __doc__)
     p.add_argument(
         "runs", type=str, nargs="+", help="run or sweep directories, or wandb:ENTITY/PROJECT[/SWEEP]"
     )

@@ -12,6 +12,7 @@ from jsonargparse import ArgumentParser, Namespace
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sr3_lightning.commands import command_parser
 from sr3_lightning.data.degradations import resize_and_crop, to_rgb
 from sr3_lightning.diffusion.sampling import image_generator
 from sr3_lightning.images import (
@@ -30,7 +31,7 @@ SHEET_ROWS = 16  # sheet.png shows the first inputs; every result is its own PNG
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="sr3-lightning sample", description=__doc__)
+    p = command_parser("sample", __doc__)
     p.add_argument("--ckpt", type=Path, required=True, help="our checkpoint (.ckpt; see import-reference)")
     p.add_argument("--input", type=Path, required=True, help="an LR image or a folder of them")
     p.add_argument("--out", type=Path, required=True, help="output folder")

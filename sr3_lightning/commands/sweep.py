@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser
 
+from sr3_lightning.commands import command_parser
 from sr3_lightning.sweep import local, wandb_agents
 from sr3_lightning.sweep.spec import check_parameters, load_sweep
 from sr3_lightning.tracking import has_wandb_credentials
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="sr3-lightning sweep", description=__doc__)
+    p = command_parser("sweep", __doc__)
     p.add_argument("sweep", type=Path, help="a W&B sweep YAML (sweeps/*.yaml)")
     p.add_argument("--backend", choices=["wandb", "local"], default="wandb")
     p.add_argument(

@@ -18,6 +18,7 @@ from jsonargparse import ArgumentParser, Namespace
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sr3_lightning.commands import command_parser
 from sr3_lightning.commands.sample import check_steps, load_model
 from sr3_lightning.data.degradations import to_rgb
 from sr3_lightning.diffsr.noise_level import choose_level, load_prf_table, parse_noise_level
@@ -37,7 +38,7 @@ LEVEL_TOLERANCE = 0.05  # a start level this far from the requested one is worth
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="sr3-lightning upscale", description=__doc__)
+    p = command_parser("upscale", __doc__)
     p.add_argument("--ckpt", type=Path, required=True, help="our checkpoint (.ckpt), SR3 or unconditional")
     p.add_argument("--input", type=Path, required=True, help="an image or a folder of images, any size")
     p.add_argument("--out", type=Path, required=True, help="output folder: <name>_diffsr.png + upscale.json")
