@@ -3,8 +3,8 @@
     python benchmarks/unet_step.py --configs real tiny --batch 4 --repeats 5
     python benchmarks/unet_step.py --configs real --batch 8 --device cuda    # t_fwd of the README cost table
 
-Eager fp32 without the fast paths (compile, channels_last, bf16) that ``fit`` turns on with CUDA: an upper
-bound on what a GPU run spends per step and per evaluation forward.
+Eager fp32 without the fast paths (compile, channels_last) that ``fit`` turns on with CUDA: an upper bound
+on what a GPU run spends per step and per evaluation forward.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def bench(name: str, batch: int, repeats: int, device: torch.device) -> dict:
     fwd, step = timed(forward, repeats, device), timed(train_step, repeats, device)
     return {
         "config": name,
+        "device": device_name(device),
         "batch": batch,
         "params": sum(p.numel() for p in unet.parameters()),
         "forward_s": fwd,

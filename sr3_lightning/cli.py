@@ -154,9 +154,9 @@ class SR3CLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
         if self.subcommand in ("fit", "validate"):
             self.datamodule.setup(self.subcommand)
-            for callback in callbacks:
-                if isinstance(callback, DomainEval):
-                    callback.check_inputs(self.datamodule.val_domain_names)
+        for callback in callbacks if self.subcommand == "fit" else []:  # DomainEval evaluates during fit only
+            if isinstance(callback, DomainEval):
+                callback.check_inputs(self.datamodule.val_domain_names)
         run_dir = run_dir_of(trainer_cfg)
         prepare_run_dir(run_dir, fresh=self.subcommand == "fit" and bool(self._get(self.config, "fresh")))
         if self.subcommand == "fit" and self.restore_from is None:

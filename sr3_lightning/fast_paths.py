@@ -92,7 +92,9 @@ class FastPaths:
             if isinstance(m, SelfAttention):
                 use_math_attention(m, not self.fused_attention)
         if self.compile:
-            unet.compile(mode=self.compile_mode)
+            # static shapes: an evaluation at another batch size gets its own graph instead of turning
+            # the training graph into a slower dynamic-shape one
+            unet.compile(mode=self.compile_mode, dynamic=False)
         elif getattr(unet, "_compiled_call_impl", None) is not None:
             unet._compiled_call_impl = None  # undo an earlier nn.Module.compile()
         unet._fast_paths = self

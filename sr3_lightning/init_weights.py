@@ -117,7 +117,12 @@ def check_norm_groups(config: UNetConfig, gen: Path, weights: dict[str, torch.Te
     every output. A config JSON beside the checkpoint settles it (an error); a published layout hints."""
     beside = find_reference_config(gen)
     if beside is not None:
-        trained = read_reference_config(beside)[0].norm_groups
+        try:
+            trained = read_reference_config(beside)[0].norm_groups
+        except CheckpointError as err:
+            log.warning("%s; GroupNorm groups not checked against it", err)
+            beside = None
+    if beside is not None:
         if trained != config.norm_groups:
             raise CheckpointError(
                 f"model.unet.norm_groups={config.norm_groups}, but {beside} (beside {gen.name}) trained it "

@@ -292,3 +292,13 @@ def test_wandb_gets_grids_and_tables(
     assert {"samples/anime", "samples/ffhq", "eval/anime", "val/ffhq/psnr"} <= summary_keys
     assert (tmp_path / "grids" / "anime_step000001.png").is_file()
     assert (tmp_path / "eval" / "ffhq_step000001.csv").is_file()
+
+
+def test_out_of_memory_while_evaluating_names_the_batch_size_knob() -> None:
+    class TooBig:
+        def super_resolve(self, *args: Any, **kwargs: Any) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    lr_up = torch.zeros(50, 3, 8, 8)
+    with pytest.raises(torch.OutOfMemoryError, match=r"50 'celebahq' images at once.*batch_size=12"):
+        DomainEval(lpips=False)._sample(TooBig(), lr_up, "celebahq", [str(i) for i in range(50)], seed=0)

@@ -206,6 +206,12 @@ def test_init_from_checks_groupnorm_groups_the_weights_cannot_show(tmp_path, cap
     with pytest.raises(CheckpointError, match=r"norm_groups=4, but .*tiny_config.json .* with 2: set"):
         SR3Module(unet=TINY, num_timesteps=100, init_from=str(tmp_path / "tiny"))
     (tmp_path / "tiny_config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"trainer": "someone else's"}))
+    with caplog.at_level(logging.WARNING):
+        SR3Module(unet=TINY, num_timesteps=100, init_from=str(tmp_path / "tiny"))  # not a reference config
+    assert "config.json is not a reference SR3 config" in caplog.text and "not checked" in caplog.text
+    (tmp_path / "config.json").unlink()
+    caplog.clear()
     tiny_layout = (6, 3, 8, (1, 2, 2), 1, (2,))
     monkeypatch.setitem(checkpoints.PUBLISHED, tiny_layout, ("sr_tiny.json", {"norm_groups": 2}))
     with caplog.at_level(logging.WARNING):

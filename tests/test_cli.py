@@ -62,7 +62,8 @@ def test_fit_l2_timestep_range_then_resume_to_twice_the_steps(tiny_shards, tmp_p
     ]  # the weights' step, as checkpoints
 
 
-def test_validate_reports_a_loss_per_domain_of_given_weights_only(tiny_shards, tmp_path):
+def test_validate_reports_a_loss_per_domain_of_given_weights_only(tiny_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_lpips_weights"))  # DomainEval does not run here
     args = [
         "validate",
         "--config",
@@ -70,6 +71,7 @@ def test_validate_reports_a_loss_per_domain_of_given_weights_only(tiny_shards, t
         f"--trainer.default_root_dir={tmp_path}",
         "--data.val=[{domain: anime, shards: " + str(tiny_shards) + "}, {domain: ffhq, shards: "
         f"{tiny_shards}" + "}]",
+        "--trainer.callbacks+=sr3_lightning.callbacks.DomainEval",
     ]
     with pytest.raises(
         ValueError, match="validate has no weights to evaluate: .* model.init_from is not set"

@@ -53,7 +53,8 @@ class DomainEval(Callback):
     Per-image values are written to ``{run_dir}/eval/{domain}_step{step:06d}.csv`` (and a W&B table
     ``eval/{domain}``). The baseline, bicubic numbers, history and evaluated steps are in ``state_dict`` so a
     resumed run keeps measuring against the original step 0 (restored when sampler, steps, eta and seed are
-    unchanged; otherwise the first evaluation becomes the baseline, with a warning). Rank zero evaluates,
+    unchanged and the checkpoint already drew per-image noise; otherwise the first evaluation becomes the
+    baseline, with a warning). Rank zero evaluates,
     other ranks go on (under DDP they wait at the next gradient sync; keep an evaluation shorter than the
     process-group timeout).
     """
@@ -71,7 +72,7 @@ class DomainEval(Callback):
         lpips: bool = True,
         lpips_backbone: Literal["pretrained", "random"] = "pretrained",
         diversity_samples: int = 0,
-        batch_size: int | None = None,
+        batch_size: int | None = 64,
     ) -> None:
         """
         Args:
@@ -94,9 +95,10 @@ class DomainEval(Callback):
                 (population std, on (x+1)/2 so in [0, 0.5]) averaged over pixels and images; 0 for the
                 regression objective. Also saves ``{run_dir}/grids/diversity_{domain}_step{step:06d}.png``
                 (rows: first images; columns: bicubic | n samples | HR). 0 = off; costs n chains per image.
-            batch_size: images super-resolved at once; None = all of a domain's val images in one batch
-                (fewest network calls; lower it if the GPU runs out of memory). Each image draws its noise
-                from ``seed`` and its key, so the numbers do not depend on it.
+            batch_size: images super-resolved at once (64: the study's 8 or the reference's 50 val images
+                in one batch, the fewest network calls); lower it if the GPU runs out of memory, None =
+                all of a domain's images. Each image draws its noise from ``seed`` and its key, so the
+                numbers do not depend on it.
         """
         super().__init__()
         if every_n_steps is not None and every_n_steps < 1:
@@ -151,8 +153,8 @@ class DomainEval(Callback):
     def state_key(self) -> str:
         # What defines the measurement, not the schedule: a resumed run may list more at_steps and still get
         # its baseline back, while a changed sampler does not compare against a baseline it never measured.
-        # `noise` marks per-image noise (seed and key): baselines measured with one generator per batch
-        # are not compared against.
+        # `noise` marks per-image noise (seed and key): baselines measured with one generator per domain
+        # (checkpoints from before) are not compared against.
         return self._generate_state_key(
             sampler=self.sampler, steps=self.steps, eta=self.eta, seed=self.seed, noise="per-image"
         )
@@ -176,7 +178,7 @@ class DomainEval(Callback):
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._run_dir = run_dir(trainer)
-        if self.lpips and self._lpips_model is None:
+        if self.lpips and self._lpips_model is None and stage == "fit":  # it evaluates during fit only
             # Built on every rank, before training starts, so missing weights stop all ranks at once.
             self._lpips_model = build_lpips(pretrained_backbone=self.lpips_backbone == "pretrained")
 
@@ -184,8 +186,9 @@ class DomainEval(Callback):
         if self.baseline is None:  # a fresh run; a resumed one brings its baseline in the checkpoint
             if trainer.global_step > 0:
                 log.warning(
-                    "DomainEval: no baseline in the checkpoint (callback added, or sampler/steps/eta/seed "
-                    "changed); step %d becomes the baseline of forget/*",
+                    "DomainEval: no baseline in the checkpoint (callback added, sampler/steps/eta/seed "
+                    "changed, or a checkpoint from before per-image evaluation noise); step %d becomes the "
+                    "baseline of forget/*",
                     trainer.global_step,
                 )
             self._evaluate(trainer, pl_module)
@@ -257,14 +260,7 @@ class DomainEval(Callback):
         for batch in regroup(loader, self.batch_size):
             lr, lr_up, hr = (batch[k].to(device) for k in ("lr", "lr_up", "hr"))
             samples = [
-                pl_module.super_resolve(
-                    lr_up,
-                    sampler=self.sampler,
-                    steps=self.steps,
-                    eta=self.eta,
-                    generator=[image_generator(self.seed + j, f"{domain}:{k}", device) for k in batch["key"]],
-                ).images.clamp(-1.0, 1.0)
-                for j in range(n_draws)
+                self._sample(pl_module, lr_up, domain, batch["key"], self.seed + j) for j in range(n_draws)
             ]
             scores = self._image_metrics(samples[0], hr, lr)
             if self.diversity_samples:
@@ -292,9 +288,25 @@ class DomainEval(Callback):
             assert self._run_dir is not None, "setup() sets the run directory"
             path = self._run_dir / "grids" / f"diversity_{domain}_step{step:06d}.png"
             grid = to_png(rows.flatten(0, 1), path, nrow=rows.shape[1])
-            caption = f"bicubic | {self.diversity_samples} samples (seeds {self.seed}..) | HR"
+            caption = f"bicubic | {self.diversity_samples} samples (seeds {self.seed}.. with each key) | HR"
             log_wandb_image(trainer, f"samples/diversity_{domain}", grid, caption)
         return {k: v.mean().item() for k, v in columns.items()}
+
+    def _sample(
+        self, pl_module: LightningModule, lr_up: Tensor, domain: str, keys: list[str], seed: int
+    ) -> Tensor:
+        """One draw for a batch, each image's noise from ``seed`` and its key; out of memory names the fix."""
+        generators = [image_generator(seed, f"{domain}:{k}", lr_up.device) for k in keys]
+        try:
+            result = pl_module.super_resolve(
+                lr_up, sampler=self.sampler, steps=self.steps, eta=self.eta, generator=generators
+            )
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"DomainEval ran out of memory sampling {len(keys)} '{domain}' images at once: set the "
+                f"callback's batch_size lower (e.g. --trainer.callbacks.batch_size={max(1, len(keys) // 4)})"
+            ) from err
+        return result.images.clamp(-1.0, 1.0)
 
     def _image_metrics(self, pred: Tensor, hr: Tensor, lr: Tensor) -> dict[str, Tensor]:
         """Per-image ``[B]`` PSNR/SSIM on uint8 (as the reference), LPIPS and LR consistency of pred vs HR."""
