@@ -106,8 +106,9 @@ def load_init_weights(source: str | Path, unet: UNet) -> InitWeights:
         return InitWeights(opt_states[0], f"{path} (step {ckpt.get('global_step', 0)})", schedule, spec)
     gen, opt = resolve_reference_pair(source)
     ref = load_reference(gen, opt, config=unet.config)
-    check_norm_groups(unet.config, gen, ref.unet.state_dict())
-    unet.load_state_dict(ref.unet.state_dict(), strict=True)
+    weights = ref.unet.state_dict()
+    check_norm_groups(unet.config, gen, weights)
+    unet.load_state_dict(weights, strict=True)
     description = f"reference {gen} (iteration {ref.step}, epoch {ref.epoch})"
     return InitWeights(ref.optimizer_state, description, ref.schedule, ref.schedule_spec)
 
@@ -115,17 +116,12 @@ def load_init_weights(source: str | Path, unet: UNet) -> InitWeights:
 def check_norm_groups(config: UNetConfig, gen: Path, weights: dict[str, torch.Tensor]) -> None:
     """GroupNorm groups are not in the weights: any divisor of the widths loads, and a wrong one changes
     every output. A config JSON beside the checkpoint settles it (an error); a published layout hints."""
-    beside = find_reference_config(gen)
+    beside = _norm_groups_beside(gen)
     if beside is not None:
-        try:
-            trained = read_reference_config(beside)[0].norm_groups
-        except CheckpointError as err:
-            log.warning("%s; GroupNorm groups not checked against it", err)
-            beside = None
-    if beside is not None:
+        path, trained = beside
         if trained != config.norm_groups:
             raise CheckpointError(
-                f"model.unet.norm_groups={config.norm_groups}, but {beside} (beside {gen.name}) trained it "
+                f"model.unet.norm_groups={config.norm_groups}, but {path} (beside {gen.name}) trained it "
                 f"with {trained}: set model.unet.norm_groups: {trained}"
             )
         return
@@ -141,3 +137,15 @@ def check_norm_groups(config: UNetConfig, gen: Path, weights: dict[str, torch.Te
             config.norm_groups,
             values["norm_groups"],
         )
+
+
+def _norm_groups_beside(gen: Path) -> tuple[Path, int] | None:
+    """The GroupNorm groups of the reference config JSON beside ``gen``, when one is there and readable."""
+    path = find_reference_config(gen)
+    if path is None:
+        return None
+    try:
+        return path, read_reference_config(path)[0].norm_groups
+    except CheckpointError as err:
+        log.warning("%s; GroupNorm groups not checked against it", err)
+        return None

@@ -54,9 +54,8 @@ class DomainEval(Callback):
     ``eval/{domain}``). The baseline, bicubic numbers, history and evaluated steps are in ``state_dict`` so a
     resumed run keeps measuring against the original step 0 (restored when sampler, steps, eta and seed are
     unchanged and the checkpoint already drew per-image noise; otherwise the first evaluation becomes the
-    baseline, with a warning). Rank zero evaluates,
-    other ranks go on (under DDP they wait at the next gradient sync; keep an evaluation shorter than the
-    process-group timeout).
+    baseline, with a warning). Rank zero evaluates, other ranks go on (under DDP they wait at the next
+    gradient sync; keep an evaluation shorter than the process-group timeout).
     """
 
     def __init__(
