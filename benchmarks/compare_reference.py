@@ -277,8 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     meta |= {"precision": args.precision, "steps": args.steps or (20 if gpu else 2)}
     meta |= {"warmup": args.warmup if args.warmup is not None else (5 if gpu else 1)}
     meta |= {"reverse_steps": args.reverse_steps or (50 if gpu else 4)}
-    mode = "" if args.compile_mode == "default" else args.compile_mode
-    out = args.json or results_file("compare_reference", device, args.config, args.precision, mode)
+    out = args.json or results_file(
+        "compare_reference", device, args.config, args.precision, args.compile_mode
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     train, reverse = alternate(args, net, ref_opt, module, make_batch(cfg, args.batch), meta, out)
     print_summary(write_results(out, meta, args.batch, train, reverse), meta, args)

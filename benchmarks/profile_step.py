@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     sort = "self_device_time_total" if gpu else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.top))
-    mode = "" if args.compile_mode == "default" else args.compile_mode
-    out = args.json or results_file("profile_step", device, args.config, args.combo, mode, f"b{args.batch}")
+    tags = (args.config, args.combo, args.compile_mode, f"b{args.batch}")
+    out = args.json or results_file("profile_step", device, *tags)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": name, "torch": torch.__version__, "argv": sys.argv[1:], "combo": row_name(combo)}
     meta |= {

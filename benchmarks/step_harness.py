@@ -36,9 +36,10 @@ CONFIGS = {
 
 def results_file(script: str, device: torch.device, *tags: str) -> Path:
     """The default JSON of a run: named by the script, the device and the options that choose its rows
-    (empty tags dropped), so the README's command pairs (fp32 then bf16, one combo then another) keep
-    both files."""
-    name = re.sub(r"[^a-z0-9]+", "_", "_".join([device.type, *(t for t in tags if t)]).lower()).strip("_")
+    (empty tags and the compile mode "default" dropped), so the README's command pairs (fp32 then bf16,
+    one combo then another) keep both files."""
+    kept = [t for t in tags if t and t != "default"]
+    name = re.sub(r"[^a-z0-9]+", "_", "_".join([device.type, *kept]).lower()).strip("_")
     return RESULTS / f"{script}-{name}.json"
 
 

@@ -278,9 +278,9 @@ def child_row(args: argparse.Namespace, common: dict, combo: dict, batch: str) -
 
 def default_json(args: argparse.Namespace, device: torch.device, batches: list[str]) -> Path:
     rows = "only_" + "_".join(args.only) if args.only else args.combos
-    mode = "" if args.compile_mode == "default" else args.compile_mode
     excluded = "no_" + "_".join(args.exclude) if args.exclude else ""
-    return results_file("train_step", device, args.config, rows, excluded, mode, "b" + "_".join(batches))
+    batch_tag = "b" + "_".join(batches)
+    return results_file("train_step", device, args.config, rows, excluded, args.compile_mode, batch_tag)
 
 
 def main(argv: list[str] | None = None) -> None:
