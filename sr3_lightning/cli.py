@@ -1,4 +1,4 @@
-"""``python -m sr3_lightning``: LightningCLI (fit, validate) plus the project's own commands."""
+"""``python -m sr3_lightning``: LightningCLI (fit, validate, test) plus the project's own commands."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class SR3CLI(LightningCLI):
     (``model.optimizer``), so no top-level ``--optimizer`` competes with it."""
 
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
-        self.restore_from: str | None = None  # the checkpoint fit resumes or validate evaluates
+        self.restore_from: str | None = None  # the checkpoint fit resumes or validate / test evaluates
         self.nothing_left = False  # fit: the resumed run is already at max_steps
         super().__init__(
             SR3Module,
@@ -74,12 +74,12 @@ class SR3CLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """fit and validate: the module has no test or predict step (``sample`` generates images)."""
-        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+        """fit, validate (losses) and test (`DomainEval`'s metrics); ``sample`` stands in for predict."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate", "test")}
 
     def _parse_ckpt_path(self) -> None:
         """Pick the checkpoint to restore (`restore_from`): ``--ckpt_path``, else for fit the run
-        directory's newest (resume) and for validate `_checkpoint_to_validate`. validate builds the model
+        directory's newest (resume) and for validate and test `_checkpoint_to_evaluate`. They build the model
         from the checkpoint's settings; fit keeps the given ones, which `before_fit` checks against the
         checkpoint's instead of silently replacing them. A missing or unreadable file is named here,
         before Lightning's own load would fail with a traceback."""
@@ -91,8 +91,8 @@ class SR3CLI(LightningCLI):
                 raise ValueError(f"--{name} is not used by sr3-lightning: set model.{name} instead")
         cfg = self.config[subcommand]
         ckpt_path = cfg.get("ckpt_path")
-        if subcommand == "validate" and not ckpt_path:
-            ckpt_path = cfg["ckpt_path"] = self._checkpoint_to_validate()
+        if subcommand in ("validate", "test") and not ckpt_path:
+            ckpt_path = cfg["ckpt_path"] = self._checkpoint_to_evaluate(subcommand)
         if ckpt_path:
             read_checkpoint_head(ckpt_path)
         elif subcommand == "fit" and not cfg.get("fresh"):
@@ -108,25 +108,26 @@ class SR3CLI(LightningCLI):
         with restoring_from_checkpoint(self.restore_from is not None):
             super().instantiate_classes()
 
-    def _checkpoint_to_validate(self) -> str | None:
-        """validate without --ckpt_path: the run directory's newest checkpoint, else the weights of
-        model.init_from. An untrained model is refused: its losses would pass for a result."""
-        cfg = self.config["validate"]
+    def _checkpoint_to_evaluate(self, subcommand: str) -> str | None:
+        """validate or test without --ckpt_path: the run directory's newest checkpoint, else the weights
+        of model.init_from. An untrained model is refused: its numbers would pass for a result."""
+        cfg = self.config[subcommand]
         run_dir = run_dir_of(cfg.trainer)
         found = find_resume_checkpoint(run_dir)
         if found is not None:
             log.warning(
-                "validating %s, the newest checkpoint of %s (--ckpt_path picks another)", found, run_dir
+                "%s: evaluating %s, the newest checkpoint of %s (--ckpt_path picks another)",
+                *(subcommand, found, run_dir),
             )
             return str(found)
         if cfg.model.get("init_from"):
             log.warning(
-                "validating the weights of model.init_from=%s: %s holds no checkpoint",
-                *(cfg.model.init_from, run_dir / "checkpoints"),
+                "%s: evaluating the weights of model.init_from=%s: %s holds no checkpoint",
+                *(subcommand, cfg.model.init_from, run_dir / "checkpoints"),
             )
             return None  # the model loads them when it is built
         raise ValueError(
-            f"validate has no weights to evaluate: {run_dir / 'checkpoints'} holds no checkpoint and "
+            f"{subcommand} has no weights to evaluate: {run_dir / 'checkpoints'} holds no checkpoint and "
             "model.init_from is not set. Pass --ckpt_path=RUN/checkpoints/last.ckpt, point "
             "--trainer.default_root_dir at a training run, or set --model.init_from to a reference "
             "checkpoint."
@@ -152,9 +153,11 @@ class SR3CLI(LightningCLI):
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
-        if self.subcommand in ("fit", "validate"):
+        if self.subcommand in ("fit", "validate", "test"):
             self.datamodule.setup(self.subcommand)
-        for callback in callbacks if self.subcommand == "fit" else []:  # DomainEval evaluates during fit only
+        if self.subcommand == "test":
+            check_test_inputs(callbacks, self.datamodule.val_domain_names)
+        for callback in callbacks if self.subcommand in ("fit", "test") else []:  # validate: losses only
             if isinstance(callback, DomainEval):
                 callback.check_inputs(self.datamodule.val_domain_names)
         run_dir = run_dir_of(trainer_cfg)
@@ -205,6 +208,18 @@ class SR3CLI(LightningCLI):
         run's config.yaml, metrics and checkpoints stay as they are."""
         if not self.nothing_left:
             self.trainer.fit(**kwargs)
+
+
+def check_test_inputs(callbacks: list, val_names: list[str]) -> None:
+    """``test`` measures the val domains with `DomainEval`: without either it would measure nothing."""
+    if not any(isinstance(c, DomainEval) for c in callbacks):
+        raise ValueError(
+            "test super-resolves the val domains with the DomainEval callback, and the config has none: "
+            "add --trainer.callbacks+=sr3_lightning.callbacks.DomainEval (or use the training run's config, "
+            "e.g. configs/finetune_anime.yaml)"
+        )
+    if not val_names:
+        raise ValueError("test evaluates the val domains, and data.val is empty: set data.val")
 
 
 def run_dir_of(trainer_cfg: Any) -> Path:
@@ -348,7 +363,7 @@ SIGTERM_EXIT = 128 + 15  # the shell's code for a process ended by SIGTERM
 
 
 def main() -> None:
-    """The command line; in-process callers of `cli_main` get fit's and validate's exceptions instead.
+    """The command line; in-process callers of `cli_main` get fit's, validate's and test's exceptions instead.
 
     A run stopped by SIGTERM exits with 143, not Lightning's 0: a job scheduler or sweep must not take it
     for a finished run (`FinalCheckpoint` saves the step it stopped at, where that resumes exactly)."""

@@ -151,7 +151,7 @@ class SR3Module(LightningModule):
         self._guard = NonFiniteGuard(nonfinite_patience)
         self._step_finite: Tensor | None = None  # this step's "gradients are finite", on the device
         self._batch_keys: list[str] = []
-        self._restored_step = 0  # validate: the step of the checkpoint being evaluated
+        self._restored_step = 0  # validate, test: the step of the checkpoint being evaluated
         self._cuda_graphs = False  # compile_mode replays CUDA graphs (set in setup, once the device is known)
         # The parameter lists the per-step guard and EMA walk, kept for one fit (`_fit_params`):
         # `parameters()` recurses through ~550 modules, about 1 ms of host time per walk.
@@ -211,6 +211,14 @@ class SR3Module(LightningModule):
         return denoising_loss(self.unet, hr, cond, sqrt_gamma, noise, self.hparams.loss)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._log_domain_loss(batch, batch_idx)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """``test`` logs the validation loss too; `DomainEval` adds the super-resolution metrics."""
+        self._log_domain_loss(batch, batch_idx)
+
+    def _log_domain_loss(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """``val/{domain}/loss`` with noise and t seeded by the batch index: every evaluation draws alike."""
         gen = torch.Generator(device=batch["hr"].device).manual_seed(batch_idx)
         loss = self.batch_loss(batch, generator=gen).mean()
         domain = batch["domain"][0] if isinstance(batch["domain"], list | tuple) else batch["domain"]
@@ -229,6 +237,10 @@ class SR3Module(LightningModule):
         training batch drops it.)"""
         step = self.global_step if self.trainer.state.fn == "fit" else self._restored_step
         self.log("step", float(step), add_dataloader_idx=False, sync_dist=True)  # the row's step
+
+    def on_test_epoch_end(self) -> None:
+        """``test`` rows at the step of the weights they measure, as in ``validate``."""
+        self.log("step", float(self._restored_step), add_dataloader_idx=False, sync_dist=True)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_step = int(checkpoint.get("global_step", 0))

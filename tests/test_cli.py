@@ -1,4 +1,4 @@
-"""The CLI driven as users drive it: fit, resume, validate, sample, import-reference, init_from."""
+"""The CLI driven as users drive it: fit, resume, validate, test, sample, import-reference, init_from."""
 
 import csv
 import subprocess
@@ -11,6 +11,7 @@ import yaml
 
 from sr3_lightning.cli import bad_input_exits, cli_main
 from sr3_lightning.diffusion.schedule import make_betas
+from sr3_lightning.metrics import LpipsWeightsMissing
 from sr3_lightning.module import SR3Module
 from sr3_lightning.resume import changed_settings
 from tests.reference import REF
@@ -320,11 +321,58 @@ def test_validate_logs_beside_the_training_run_not_into_it(tiny_shards, tmp_path
         cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:], f"--ckpt_path={tmp_path}/garbage.ckpt"])
 
 
-def test_only_fit_and_validate_are_offered_and_the_optimizer_is_the_model_s(tiny_shards, tmp_path, capsys):
+def test_test_measures_a_checkpoint_as_its_training_run_did(tiny_shards, tmp_path, monkeypatch, capsys):
+    evaluation = [
+        "--trainer.callbacks+=sr3_lightning.callbacks.DomainEval",
+        "--trainer.callbacks.lpips=false",
+        "--trainer.callbacks.steps=4",
+        "--trainer.callbacks.original_domains=[anime]",
+    ]
+    cli_main(fit_args(tiny_shards, tmp_path, "--trainer.max_steps=2", *evaluation))
+    trained = {name: (tmp_path / name).read_text() for name in ("config.yaml", "metrics.csv")}
+    fit_rows = {r["step"]: r for r in csv.DictReader(trained["metrics.csv"].splitlines())}
+
+    cli = cli_main(["test", *fit_args(tiny_shards, tmp_path, *evaluation)[1:]])  # the run's newest
+    assert cli.trainer.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
+    rows = list(csv.DictReader((tmp_path / "test" / "metrics.csv").read_text().splitlines()))
+    measured = {k: v for r in rows for k, v in r.items() if v and r["step"] == "2"}
+    for key in ("val/anime/psnr", "val/anime/ssim", "val/anime/bicubic_psnr", "forget/anime/psnr"):
+        assert float(measured[key]) == float(fit_rows["2"][key]), key  # the same noise, the same numbers
+    assert "val/anime/loss" in measured and {r["step"] for r in rows} == {"2"}
+    printed = capsys.readouterr().out.splitlines()
+    header = printed.index(
+        "DomainEval of the weights at step 2 (per-image values: " + f"{tmp_path}/test/eval/):"
+    )
+    table = [line.split() for line in printed[header + 1 : header + 5]]
+    assert table[0][:3] == ["domain", "psnr", "ssim"] and [row[0] for row in table[1:]] == ["anime"] * 3
+    assert float(table[1][1]) == pytest.approx(float(measured["val/anime/psnr"]), abs=1e-4)
+    assert table[3][:3] == ["anime", "forget", f"{float(measured['forget/anime/psnr']):+.4f}"]
+    csv_name = "anime_step000002.csv"
+    assert (tmp_path / "test" / "eval" / csv_name).read_text() == (tmp_path / "eval" / csv_name).read_text()
+    assert {name: (tmp_path / name).read_text() for name in trained} == trained
+
+    pretrained = tmp_path / "pretrained"  # no checkpoint: the init_from weights, before any tuning
+    cli = cli_main(
+        ["test", *fit_args(tiny_shards, pretrained, *evaluation)[1:], f"--model.init_from={REF / 'tiny'}"]
+    )
+    assert "val/anime/psnr" in cli.trainer.callback_metrics
+    assert not any(k.startswith("forget/") for k in cli.trainer.callback_metrics)  # no baseline to compare
+    assert (pretrained / "test" / "eval" / "anime_step000000.csv").exists()
+
+    with pytest.raises(ValueError, match="test super-resolves the val domains with the DomainEval callback"):
+        cli_main(["test", *fit_args(tiny_shards, tmp_path)[1:]])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_lpips_weights"))
+    with pytest.raises(LpipsWeightsMissing, match=r"alexnet-owt-7be5be79\.pth"):
+        cli_main(["test", *fit_args(tiny_shards, tmp_path, *evaluation[:1])[1:]])
+
+
+def test_only_fit_validate_and_test_are_offered_and_the_optimizer_is_the_model_s(
+    tiny_shards, tmp_path, capsys
+):
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     subcommands = capsys.readouterr().out
-    assert "{fit,validate}" in subcommands and "predict" not in subcommands
+    assert "{fit,validate,test}" in subcommands and "predict" not in subcommands
     with pytest.raises(
         ValueError, match="--lr_scheduler is not used by sr3-lightning: set model.lr_scheduler"
     ):

@@ -49,6 +49,9 @@ class DomainEval(Callback):
       every evaluation as a flat reference line;
     - ``forget/{domain}/{metric}`` = value - baseline, for ``original_domains`` only.
 
+    ``python -m sr3_lightning test`` evaluates a checkpoint (or ``init_from`` weights) once, the same way,
+    at the step it was trained to.
+
     Metrics go to every logger at ``trainer.global_step`` and stay in ``self.history`` (step -> metrics).
     Per-image values are written to ``{run_dir}/eval/{domain}_step{step:06d}.csv`` (and a W&B table
     ``eval/{domain}``). The baseline, bicubic numbers, history and evaluated steps are in ``state_dict`` so a
@@ -130,6 +133,7 @@ class DomainEval(Callback):
         self.evaluated_steps: set[int] = set()
         self._lpips_model: torch.nn.Module | None = None
         self._run_dir: Path | None = None
+        self._weights_step: int | None = None  # the step of the checkpoint restored in this trainer call
 
     def check_inputs(self, val_names: list[str] | None = None) -> None:
         """What evaluation will need, checked before a run starts: the LPIPS AlexNet weights, and the
@@ -177,7 +181,8 @@ class DomainEval(Callback):
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._run_dir = run_dir(trainer)
-        if self.lpips and self._lpips_model is None and stage == "fit":  # it evaluates during fit only
+        self._weights_step = None  # restoring a checkpoint (after setup) sets it
+        if self.lpips and self._lpips_model is None and stage in ("fit", "test"):  # not in validate
             # Built on every rank, before training starts, so missing weights stop all ranks at once.
             self._lpips_model = build_lpips(pretrained_backbone=self.lpips_backbone == "pretrained")
 
@@ -201,19 +206,40 @@ class DomainEval(Callback):
         if self.at_end:
             self._evaluate(trainer, pl_module)
 
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._weights_step = int(checkpoint.get("global_step", 0))
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``test``: one evaluation of the weights under test, logged at the step they were trained to.
+        ``forget/*`` compares with the baseline of the run that saved them, when the checkpoint holds one
+        for this sampler; the run's history stays as it was."""
+        step = trainer.global_step if self._weights_step is None else self._weights_step
+        self._evaluate(trainer, pl_module, step=step, record=False)
+        if trainer.is_global_zero:
+            print(f"DomainEval of the weights at step {step} (per-image values: {self._run_dir}/eval/):")
+            print(metrics_table({k: v.item() for k, v in trainer.callback_metrics.items()}))
+
     # ------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _evaluate(
+        self, trainer: Trainer, pl_module: LightningModule, step: int | None = None, record: bool = True
+    ) -> None:
         """Rank 0 evaluates; every rank receives the numbers, so ``ModelCheckpoint(monitor=...)`` can use
-        them (they are put in ``trainer.callback_metrics``) and all ranks agree on what was evaluated."""
-        step = trainer.global_step
-        if step in self.evaluated_steps:
+        them (they are put in ``trainer.callback_metrics``) and all ranks agree on what was evaluated.
+        ``record``: the evaluation belongs to this run (baseline, history, steps evaluated)."""
+        step = trainer.global_step if step is None else step
+        if record and step in self.evaluated_steps:
             return
-        metrics = self._compute(trainer, pl_module, step) if trainer.is_global_zero else {}
+        metrics = self._compute(trainer, pl_module, step, record) if trainer.is_global_zero else {}
         metrics = trainer.strategy.broadcast(metrics)
-        self.evaluated_steps.add(step)
+        if record:
+            self.evaluated_steps.add(step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
-    def _compute(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, float]:
+    def _compute(
+        self, trainer: Trainer, pl_module: LightningModule, step: int, record: bool
+    ) -> dict[str, float]:
         domains = val_domains(trainer)
         self.check_domains([name for name, _ in domains])
         was_training = pl_module.training
@@ -225,16 +251,17 @@ class DomainEval(Callback):
                 }
         finally:
             pl_module.train(was_training)
-        if self.baseline is None:
+        if self.baseline is None and record:
             self.baseline, self.baseline_step = results, step
         metrics: dict[str, float] = {}
         for name, values in results.items():
             metrics.update({f"val/{name}/{k}": v for k, v in values.items()})
             metrics.update({f"val/{name}/{k}": v for k, v in self.bicubic[name].items()})
-            if name in self.original_domains and name in self.baseline:
+            if name in self.original_domains and self.baseline and name in self.baseline:
                 base = self.baseline[name]
                 metrics.update({f"forget/{name}/{k}": v - base[k] for k, v in values.items() if k in base})
-        self.history[step] = metrics
+        if record:
+            self.history[step] = metrics
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=step)
         log.info("DomainEval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
@@ -332,6 +359,29 @@ class DomainEval(Callback):
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.log_table(key=f"eval/{domain}", columns=names, data=rows, step=step)
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    """``val/{domain}/*`` and ``forget/{domain}/*`` as a text table: a row per domain, its bicubic
+    upsample and its change from the baseline (other keys are left out)."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        kind, domain, name = (key.split("/", 2) + ["", ""])[:3]
+        if kind == "val" and name and name != "loss":
+            bicubic = name.startswith("bicubic_")
+            rows.setdefault(f"{domain} bicubic" if bicubic else domain, {})[name.removeprefix("bicubic_")] = (
+                value
+            )
+        elif kind == "forget" and name:
+            rows.setdefault(f"{domain} forget", {})[name] = value
+    columns = list(dict.fromkeys(name for values in rows.values() for name in values))
+    width = max([len("domain"), *map(len, rows)])
+    lines = ["  ".join([f"{'domain':<{width}}", *(f"{c:>11}" for c in columns)])]
+    for label in sorted(rows, key=lambda r: (r.split()[0], r)):
+        sign = "+" if label.endswith(" forget") else ""
+        cells = [f"{rows[label][c]:>{sign}11.4f}" if c in rows[label] else " " * 11 for c in columns]
+        lines.append("  ".join([f"{label:<{width}}", *cells]).rstrip())
+    return "\n".join(lines)
 
 
 def regroup(loader: Iterable[dict[str, Any]], size: int | None) -> Iterator[dict[str, Any]]:

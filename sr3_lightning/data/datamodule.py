@@ -266,6 +266,10 @@ class SR3DataModule(pl.LightningDataModule):
             for v, table in zip(self.val, self._val_tables)
         ]
 
+    def test_dataloader(self) -> list[DataLoader]:
+        """``test`` measures the val domains: their images are the ones held out of training."""
+        return self.val_dataloader()
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count the train batches the Trainer actually uses (the loader itself runs ahead)."""
         if self.trainer is not None and self.trainer.training:
