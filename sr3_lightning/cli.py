@@ -156,7 +156,9 @@ class SR3CLI(LightningCLI):
         if self.subcommand in ("fit", "validate", "test"):
             self.datamodule.setup(self.subcommand)
         if self.subcommand == "test":
-            check_test_inputs(callbacks, self.datamodule.val_domain_names)
+            check_test_inputs(
+                callbacks, self.datamodule.val_domain_names, trainer_cfg.get("limit_test_batches")
+            )
         for callback in callbacks if self.subcommand in ("fit", "test") else []:  # validate: losses only
             if isinstance(callback, DomainEval):
                 callback.check_inputs(self.datamodule.val_domain_names)
@@ -172,7 +174,7 @@ class SR3CLI(LightningCLI):
             if self.subcommand not in (None, "fit"):  # keep the training run's config and metrics intact
                 log_dir = run_dir / self.subcommand
                 tracking = replace(tracking, name=tracking.name or f"{run_dir.name}-{self.subcommand}")
-            kwargs["logger"] = make_loggers(tracking, log_dir)
+            kwargs["logger"] = make_loggers(tracking, log_dir, job_type=JOB_TYPES[self.subcommand or "fit"])
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         if trainer_cfg.get("enable_progress_bar") is not False:
@@ -210,7 +212,10 @@ class SR3CLI(LightningCLI):
             self.trainer.fit(**kwargs)
 
 
-def check_test_inputs(callbacks: list, val_names: list[str]) -> None:
+JOB_TYPES = {"fit": "train", "validate": "validate", "test": "test"}  # W&B's job_type: `report` reads train
+
+
+def check_test_inputs(callbacks: list, val_names: list[str], limit_batches: Any) -> None:
     """``test`` measures the val domains with `DomainEval`: without either it would measure nothing."""
     if not any(isinstance(c, DomainEval) for c in callbacks):
         raise ValueError(
@@ -220,6 +225,8 @@ def check_test_inputs(callbacks: list, val_names: list[str]) -> None:
         )
     if not val_names:
         raise ValueError("test evaluates the val domains, and data.val is empty: set data.val")
+    if limit_batches is not None and limit_batches == 0:
+        raise ValueError("trainer.limit_test_batches=0 skips the test loop and its evaluation: remove it")
 
 
 def run_dir_of(trainer_cfg: Any) -> Path:

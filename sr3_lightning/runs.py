@@ -177,6 +177,9 @@ def read_run_dir(run_dir: Path, seconds: float | None = None) -> Run:
     return make_run(run_dir.name, str(run_dir), config, rows, "step", seconds, log_name)
 
 
+EVALUATION_DIRS = ("validate", "test")  # RUN/validate, RUN/test: evaluations of RUN's checkpoints
+
+
 def _local_runs(path: Path, left_out: list[str], depth: int = 0) -> list[Run]:
     """Runs under ``path``; runs of a local sweep that did not finish are named in ``left_out``."""
     from sr3_lightning.sweep.local import latest_records
@@ -205,7 +208,7 @@ def _local_runs(path: Path, left_out: list[str], depth: int = 0) -> list[Run]:
     return [
         run
         for child in sorted(path.iterdir())
-        if child.is_dir()
+        if child.is_dir() and child.name not in EVALUATION_DIRS
         for run in _local_runs(child, left_out, depth + 1)
     ]
 
@@ -221,6 +224,8 @@ def _wandb_runs(path: str, left_out: list[str]) -> list[Run]:
         found = api.sweep(path).runs if path.count("/") == 2 else api.runs(path)
         runs = []
         for r in found:
+            if getattr(r, "job_type", None) in EVALUATION_DIRS:
+                continue  # a `validate` or `test` of a checkpoint, not a training run
             if r.state != "finished":
                 left_out.append(f"wandb:{'/'.join(r.path)} ({r.name}): {r.state}, not finished")
             else:

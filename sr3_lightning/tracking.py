@@ -178,8 +178,9 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def make_loggers(tracking: Tracking, run_dir: str | Path) -> list[Logger]:
-    """CSV metrics at run_dir/metrics.csv (first: it sets trainer.log_dir), plus W&B unless disabled."""
+def make_loggers(tracking: Tracking, run_dir: str | Path, job_type: str = "train") -> list[Logger]:
+    """CSV metrics at run_dir/metrics.csv (first: it sets trainer.log_dir), plus W&B unless disabled;
+    ``job_type`` tells training runs from evaluations of their checkpoints (``validate``, ``test``)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     loggers: list[Logger] = [RunCSVLogger(save_dir=str(run_dir), name="", version="")]
@@ -198,6 +199,7 @@ def make_loggers(tracking: Tracking, run_dir: str | Path) -> list[Logger]:
                 log_model=mode == "online",
                 id=wandb_run_id(run_dir),
                 resume="allow",
+                job_type=job_type,
             )
         )
     return loggers

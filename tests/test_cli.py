@@ -341,26 +341,39 @@ def test_test_measures_a_checkpoint_as_its_training_run_did(tiny_shards, tmp_pat
     assert "val/anime/loss" in measured and {r["step"] for r in rows} == {"2"}
     printed = capsys.readouterr().out.splitlines()
     header = printed.index(
-        "DomainEval of the weights at step 2 (per-image values: " + f"{tmp_path}/test/eval/):"
+        f"DomainEval of the weights at step 2, ddpm-4-seed0 (per-image values: {tmp_path}/test/eval/"
+        "*_ddpm-4-seed0.csv):"
     )
     table = [line.split() for line in printed[header + 1 : header + 5]]
     assert table[0][:3] == ["domain", "psnr", "ssim"] and [row[0] for row in table[1:]] == ["anime"] * 3
     assert float(table[1][1]) == pytest.approx(float(measured["val/anime/psnr"]), abs=1e-4)
     assert table[3][:3] == ["anime", "forget", f"{float(measured['forget/anime/psnr']):+.4f}"]
-    csv_name = "anime_step000002.csv"
-    assert (tmp_path / "test" / "eval" / csv_name).read_text() == (tmp_path / "eval" / csv_name).read_text()
+    tested = (tmp_path / "test" / "eval" / "anime_step000002_ddpm-4-seed0.csv").read_text()
+    assert tested == (tmp_path / "eval" / "anime_step000002.csv").read_text()  # named apart, equal
     assert {name: (tmp_path / name).read_text() for name in trained} == trained
+
+    other_images = "--data.val=[{domain: anime, shards: " + str(tiny_shards) + ", num_images: 3}]"
+    cli = cli_main(["test", *fit_args(tiny_shards, tmp_path, *evaluation)[1:], other_images])
+    metrics = {k: v.item() for k, v in cli.trainer.callback_metrics.items()}
+    assert not any(k.startswith("forget/") for k in metrics)  # the baseline measured 4 other images
+    assert "No forget/* rows" in capsys.readouterr().out
 
     pretrained = tmp_path / "pretrained"  # no checkpoint: the init_from weights, before any tuning
     cli = cli_main(
         ["test", *fit_args(tiny_shards, pretrained, *evaluation)[1:], f"--model.init_from={REF / 'tiny'}"]
+        + [other_images]
     )
-    assert "val/anime/psnr" in cli.trainer.callback_metrics
     assert not any(k.startswith("forget/") for k in cli.trainer.callback_metrics)  # no baseline to compare
-    assert (pretrained / "test" / "eval" / "anime_step000000.csv").exists()
+    assert cli.trainer.callback_metrics["val/anime/bicubic_psnr"].item() == metrics["val/anime/bicubic_psnr"]
+    assert metrics["val/anime/bicubic_psnr"] != float(fit_rows["2"]["val/anime/bicubic_psnr"])
+    assert (pretrained / "test" / "eval" / "anime_step000000_ddpm-4-seed0.csv").exists()
 
     with pytest.raises(ValueError, match="test super-resolves the val domains with the DomainEval callback"):
         cli_main(["test", *fit_args(tiny_shards, tmp_path)[1:]])
+    with pytest.raises(ValueError, match="trainer.limit_test_batches=0 skips the test loop"):
+        cli_main(
+            ["test", *fit_args(tiny_shards, tmp_path, *evaluation)[1:], "--trainer.limit_test_batches=0"]
+        )
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_lpips_weights"))
     with pytest.raises(LpipsWeightsMissing, match=r"alexnet-owt-7be5be79\.pth"):
         cli_main(["test", *fit_args(tiny_shards, tmp_path, *evaluation[:1])[1:]])

@@ -8,6 +8,7 @@ The runs here are run directories written the way a finished run leaves them (``
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -269,8 +270,11 @@ def test_report_from_wandb_without_login_says_how_to_log_in(tmp_path, capsys, mo
 class FakeWandbRun:
     """What ``wandb.Api().runs`` yields, for a run whose history holds ``rows``."""
 
-    def __init__(self, name: str, state: str, config: dict, rows: list[dict]) -> None:
+    def __init__(
+        self, name: str, state: str, config: dict, rows: list[dict], job_type: str = "train"
+    ) -> None:
         self.name, self.state, self.path = name, state, ["lab", "sr3-finetune", f"id-{name}"]
+        self.job_type = job_type
         self.config, self.summary, self._rows = {"config": config}, {"_runtime": 12.5}, rows
 
     def scan_history(self) -> list[dict]:
@@ -293,11 +297,13 @@ def test_report_from_wandb_reads_finished_runs_and_names_the_others(tmp_path, mo
         FakeWandbRun("l1", "finished", config, rows),
         FakeWandbRun("l2", "crashed", config | {"model": config["model"] | {"loss": "l2"}}, rows),
         FakeWandbRun("l1-again", "running", config, rows[:2]),
+        FakeWandbRun("l1-test", "finished", config, rows[-1:], job_type="test"),  # `test` of a checkpoint
     ]
     monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {"runs": lambda self, path: runs})())
     out = tmp_path / "from_wandb"
     cli_main(["report", "wandb:lab/sr3-finetune", "--out", str(out)])
-    cli_main(["report", str(run_dir), "--out", str(tmp_path / "from_dir")])
+    shutil.copytree(run_dir, tmp_path / "local" / "pretrained" / "test")  # `test` of init_from weights
+    cli_main(["report", str(tmp_path / "local"), "--out", str(tmp_path / "from_dir")])
     text = (out / "report.md").read_text()
     assert "1 finished run(s):" in text and "Left out 2 run(s):" in text
     assert "wandb:lab/sr3-finetune/id-l2 (l2): crashed, not finished" in text

@@ -7,7 +7,6 @@ every val domain before the first update (the baseline) and again at chosen step
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,10 +14,10 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sr3_lightning.callbacks.eval_tables import metrics_table, write_image_table
 from sr3_lightning.callbacks.sample_grid import log_wandb_image, run_dir, to_png, val_domains
 from sr3_lightning.diffusion.sampling import image_generator
 from sr3_lightning.metrics import (
@@ -45,16 +44,17 @@ class DomainEval(Callback):
     per-image metrics (uint8-quantised as the reference does) are averaged:
 
     - ``val/{domain}/{psnr,ssim,lpips,consistency}`` (+ ``diversity`` when ``diversity_samples >= 2``);
-    - ``val/{domain}/bicubic_{psnr,ssim,lpips,consistency}``: ``lr_up`` vs HR, computed once, logged at
-      every evaluation as a flat reference line;
-    - ``forget/{domain}/{metric}`` = value - baseline, for ``original_domains`` only.
-
-    ``python -m sr3_lightning test`` evaluates a checkpoint (or ``init_from`` weights) once, the same way,
-    at the step it was trained to.
+    - ``val/{domain}/bicubic_{psnr,ssim,lpips,consistency}``: ``lr_up`` vs HR, a flat reference line;
+    - ``forget/{domain}/{metric}`` = value - baseline, for ``original_domains`` only, and only while the
+      domain's val images are those the baseline measured.
 
     Metrics go to every logger at ``trainer.global_step`` and stay in ``self.history`` (step -> metrics).
     Per-image values are written to ``{run_dir}/eval/{domain}_step{step:06d}.csv`` (and a W&B table
-    ``eval/{domain}``). The baseline, bicubic numbers, history and evaluated steps are in ``state_dict`` so a
+    ``eval/{domain}``). ``python -m sr3_lightning test`` evaluates a checkpoint (or ``init_from`` weights)
+    once, the same way, at the step it was trained to; its files' names end in the sampler settings
+    (``_ddpm-all-seed0``), so tests with other settings sit side by side.
+
+    The baseline, its images, history and evaluated steps are in ``state_dict`` so a
     resumed run keeps measuring against the original step 0 (restored when sampler, steps, eta and seed are
     unchanged and the checkpoint already drew per-image noise; otherwise the first evaluation becomes the
     baseline, with a warning). Rank zero evaluates, other ranks go on (under DDP they wait at the next
@@ -128,12 +128,14 @@ class DomainEval(Callback):
         self.lpips_name = "lpips" if lpips_backbone == "pretrained" else "lpips_random"
         self.baseline: dict[str, dict[str, float]] | None = None  # domain -> metric -> value at baseline_step
         self.baseline_step: int | None = None
-        self.bicubic: dict[str, dict[str, float]] = {}  # domain -> bicubic_* metrics (do not change)
+        self.baseline_keys: dict[str, list[str]] | None = None  # domain -> the images the baseline measured
+        self.bicubic: dict[str, dict[str, float]] = {}  # domain -> bicubic_* metrics of the last evaluation
         self.history: dict[int, dict[str, float]] = {}  # global step -> every key logged at that step
         self.evaluated_steps: set[int] = set()
         self._lpips_model: torch.nn.Module | None = None
         self._run_dir: Path | None = None
         self._weights_step: int | None = None  # the step of the checkpoint restored in this trainer call
+        self._suffix = ""  # of the file names of this trainer call's evaluations
 
     def check_inputs(self, val_names: list[str] | None = None) -> None:
         """What evaluation will need, checked before a run starts: the LPIPS AlexNet weights, and the
@@ -153,6 +155,12 @@ class DomainEval(Callback):
             )
 
     @property
+    def settings_tag(self) -> str:
+        """The sampler settings in a file name, e.g. ``ddpm-all-seed0`` or ``ddim-50-eta0.0-seed0``."""
+        eta = f"-eta{self.eta}" if self.sampler == "ddim" else ""
+        return f"{self.sampler}-{self.steps or 'all'}{eta}-seed{self.seed}"
+
+    @property
     def state_key(self) -> str:
         # What defines the measurement, not the schedule: a resumed run may list more at_steps and still get
         # its baseline back, while a changed sampler does not compare against a baseline it never measured.
@@ -166,6 +174,7 @@ class DomainEval(Callback):
         return {
             "baseline": self.baseline,
             "baseline_step": self.baseline_step,
+            "baseline_keys": self.baseline_keys,
             "bicubic": self.bicubic,
             "history": self.history,
             "evaluated_steps": sorted(self.evaluated_steps),
@@ -174,6 +183,7 @@ class DomainEval(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.baseline = state_dict["baseline"]
         self.baseline_step = state_dict["baseline_step"]
+        self.baseline_keys = state_dict.get("baseline_keys")  # None in checkpoints from before it was kept
         self.bicubic = dict(state_dict["bicubic"])
         self.history = {int(k): v for k, v in state_dict["history"].items()}
         self.evaluated_steps = set(state_dict["evaluated_steps"])
@@ -182,6 +192,7 @@ class DomainEval(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._run_dir = run_dir(trainer)
         self._weights_step = None  # restoring a checkpoint (after setup) sets it
+        self._suffix = f"_{self.settings_tag}" if stage == "test" else ""  # test files beside fit's
         if self.lpips and self._lpips_model is None and stage in ("fit", "test"):  # not in validate
             # Built on every rank, before training starts, so missing weights stop all ranks at once.
             self._lpips_model = build_lpips(pretrained_backbone=self.lpips_backbone == "pretrained")
@@ -218,8 +229,16 @@ class DomainEval(Callback):
         step = trainer.global_step if self._weights_step is None else self._weights_step
         self._evaluate(trainer, pl_module, step=step, record=False)
         if trainer.is_global_zero:
-            print(f"DomainEval of the weights at step {step} (per-image values: {self._run_dir}/eval/):")
-            print(metrics_table({k: v.item() for k, v in trainer.callback_metrics.items()}))
+            metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+            print(
+                f"DomainEval of the weights at step {step}, {self.settings_tag} (per-image values: "
+                f"{self._run_dir}/eval/*{self._suffix}.csv):\n{metrics_table(metrics)}"
+            )
+            if self.original_domains and not any(k.startswith("forget/") for k in metrics):
+                print(
+                    f"No forget/* rows: the checkpoint holds no baseline measured with {self.settings_tag} "
+                    "on these val images; use the DomainEval settings and data.val of its training run"
+                )
 
     # ------------------------------------------------------------------------------------------- evaluation
     def _evaluate(
@@ -246,18 +265,20 @@ class DomainEval(Callback):
         pl_module.eval()
         try:
             with torch.no_grad():
-                results = {
+                evaluated = {
                     name: self._evaluate_domain(trainer, pl_module, name, dl, step) for name, dl in domains
                 }
         finally:
             pl_module.train(was_training)
+        results = {name: means for name, (_, means) in evaluated.items()}
         if self.baseline is None and record:
             self.baseline, self.baseline_step = results, step
+            self.baseline_keys = {name: keys for name, (keys, _) in evaluated.items()}
         metrics: dict[str, float] = {}
         for name, values in results.items():
             metrics.update({f"val/{name}/{k}": v for k, v in values.items()})
             metrics.update({f"val/{name}/{k}": v for k, v in self.bicubic[name].items()})
-            if name in self.original_domains and self.baseline and name in self.baseline:
+            if name in self.original_domains and self._has_baseline(name, evaluated[name][0]):
                 base = self.baseline[name]
                 metrics.update({f"forget/{name}/{k}": v - base[k] for k, v in values.items() if k in base})
         if record:
@@ -267,15 +288,27 @@ class DomainEval(Callback):
         log.info("DomainEval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
+    def _has_baseline(self, domain: str, keys: list[str]) -> bool:
+        """A baseline of these very images: another val set would make forget/* measure the change of set."""
+        if not self.baseline or domain not in self.baseline:
+            return False
+        if self.baseline_keys is not None and self.baseline_keys.get(domain) != keys:
+            log.warning(
+                "DomainEval: the '%s' val images are not those of the baseline at step %s; forget/%s/* is "
+                "not logged (it would measure the change of images). Use the data.val of the training run.",
+                *(domain, self.baseline_step, domain),
+            )
+            return False
+        return True
+
     def _evaluate_domain(
         self, trainer: Trainer, pl_module: LightningModule, domain: str, loader: Any, step: int
-    ) -> dict[str, float]:
-        """Score every val image of one domain; writes the per-image CSV/table; returns the means."""
+    ) -> tuple[list[str], dict[str, float]]:
+        """Score every val image of one domain; writes the per-image CSV/table; returns keys and means."""
         device = pl_module.device
         if self._lpips_model is not None:
             self._lpips_model.to(device)
         n_draws = max(1, self.diversity_samples)
-        need_bicubic = domain not in self.bicubic
         keys: list[str] = []
         per_image: dict[str, list[Tensor]] = {}
         bicubic: dict[str, list[Tensor]] = {}
@@ -297,26 +330,26 @@ class DomainEval(Callback):
                     grid_rows.append(torch.stack([lr_up, *samples, hr], dim=1)[:missing].cpu())
             for k, v in scores.items():
                 per_image.setdefault(k, []).append(v.double().cpu())
-            if need_bicubic:
-                for k, v in self._image_metrics(lr_up, hr, lr).items():
-                    bicubic.setdefault(f"bicubic_{k}", []).append(v.double().cpu())
+            for k, v in self._image_metrics(lr_up, hr, lr).items():
+                bicubic.setdefault(f"bicubic_{k}", []).append(v.double().cpu())
             keys.extend(batch["key"])
             bar.update(len(hr))
         bar.close()
         if not keys:
             raise ValueError(f"val domain '{domain}' has no images to evaluate")
         columns = {k: torch.cat(v) for k, v in per_image.items()}
-        if need_bicubic:
-            self.bicubic[domain] = {k: torch.cat(v).mean().item() for k, v in bicubic.items()}
-        self._write_table(trainer, domain, step, keys, columns)
+        self.bicubic[domain] = {k: torch.cat(v).mean().item() for k, v in bicubic.items()}
+        assert self._run_dir is not None, "setup() sets the run directory"
+        path = self._run_dir / "eval" / f"{domain}_step{step:06d}{self._suffix}.csv"
+        write_image_table(trainer, path, f"eval/{domain}", step, keys, columns)
         if grid_rows:
             rows = torch.cat(grid_rows)  # [N, n + 2, 3, H, W]
             assert self._run_dir is not None, "setup() sets the run directory"
-            path = self._run_dir / "grids" / f"diversity_{domain}_step{step:06d}.png"
+            path = self._run_dir / "grids" / f"diversity_{domain}_step{step:06d}{self._suffix}.png"
             grid = to_png(rows.flatten(0, 1), path, nrow=rows.shape[1])
             caption = f"bicubic | {self.diversity_samples} samples (seeds {self.seed}.. with each key) | HR"
-            log_wandb_image(trainer, f"samples/diversity_{domain}", grid, caption)
-        return {k: v.mean().item() for k, v in columns.items()}
+            log_wandb_image(trainer, f"samples/diversity_{domain}", grid, caption, step)
+        return keys, {k: v.mean().item() for k, v in columns.items()}
 
     def _sample(
         self, pl_module: LightningModule, lr_up: Tensor, domain: str, keys: list[str], seed: int
@@ -342,46 +375,6 @@ class DomainEval(Callback):
             out[self.lpips_name] = lpips_distance(self._lpips_model, pred, hr)
         out["consistency"] = consistency(pred, lr)
         return out
-
-    def _write_table(
-        self, trainer: Trainer, domain: str, step: int, keys: list[str], columns: dict[str, Tensor]
-    ) -> None:
-        """Per-image metrics as ``{run_dir}/eval/{domain}_step{step:06d}.csv`` and a W&B table."""
-        names = ["key", *columns]
-        rows = [[key, *(columns[c][i].item() for c in columns)] for i, key in enumerate(keys)]
-        assert self._run_dir is not None, "setup() sets the run directory"
-        path = self._run_dir / "eval" / f"{domain}_step{step:06d}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(names)
-            writer.writerows(rows)
-        for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger):
-                lg.log_table(key=f"eval/{domain}", columns=names, data=rows, step=step)
-
-
-def metrics_table(metrics: dict[str, float]) -> str:
-    """``val/{domain}/*`` and ``forget/{domain}/*`` as a text table: a row per domain, its bicubic
-    upsample and its change from the baseline (other keys are left out)."""
-    rows: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        kind, domain, name = (key.split("/", 2) + ["", ""])[:3]
-        if kind == "val" and name and name != "loss":
-            bicubic = name.startswith("bicubic_")
-            rows.setdefault(f"{domain} bicubic" if bicubic else domain, {})[name.removeprefix("bicubic_")] = (
-                value
-            )
-        elif kind == "forget" and name:
-            rows.setdefault(f"{domain} forget", {})[name] = value
-    columns = list(dict.fromkeys(name for values in rows.values() for name in values))
-    width = max([len("domain"), *map(len, rows)])
-    lines = ["  ".join([f"{'domain':<{width}}", *(f"{c:>11}" for c in columns)])]
-    for label in sorted(rows, key=lambda r: (r.split()[0], r)):
-        sign = "+" if label.endswith(" forget") else ""
-        cells = [f"{rows[label][c]:>{sign}11.4f}" if c in rows[label] else " " * 11 for c in columns]
-        lines.append("  ".join([f"{label:<{width}}", *cells]).rstrip())
-    return "\n".join(lines)
 
 
 def regroup(loader: Iterable[dict[str, Any]], size: int | None) -> Iterator[dict[str, Any]]:

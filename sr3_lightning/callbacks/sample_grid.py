@@ -87,11 +87,15 @@ def to_png(images: Tensor, path: Path, nrow: int) -> np.ndarray:
     return array
 
 
-def log_wandb_image(trainer: Trainer, key: str, image: np.ndarray, caption: str) -> None:
-    """Send one image to every W&B logger at the current global step; other loggers cannot take images."""
+def log_wandb_image(
+    trainer: Trainer, key: str, image: np.ndarray, caption: str, step: int | None = None
+) -> None:
+    """Send one image to every W&B logger at ``step`` (default: the global step); other loggers cannot
+    take images."""
+    step = trainer.global_step if step is None else step
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):
-            lg.log_image(key=key, images=[image], step=trainer.global_step, caption=[caption])
+            lg.log_image(key=key, images=[image], step=step, caption=[caption])
 
 
 # ------------------------------------------------------------------------------------------------ SampleGrid
