@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,10 @@ def test_demo_on_a_user_folder(tmp_path, capsys):
     assert (run / "grids" / "photos_step000002.png").is_file() and (
         run / "checkpoints" / "last.ckpt"
     ).is_file()
+    again = next(line for line in out.splitlines() if line.startswith("  measure again: "))
+    cli_main(shlex.split(again.split(" -m sr3_lightning ", 1)[1]))  # as printed, in the shell's words
+    tested = [r for r in csv.DictReader((run / "test" / "metrics.csv").open()) if r.get("val/photos/psnr")]
+    assert [(r["step"], r["val/photos/psnr"]) for r in tested] == [("2", rows[-1]["val/photos/psnr"])]
 
 
 class FitStarted(Exception):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import shutil
 from pathlib import Path
 
@@ -165,6 +166,9 @@ def main(argv: list[str]) -> None:
     ]
     cli = cli_main([*fit_args, *extra])
     run_dir = Path(cli.trainer.log_dir)
+    test_args = ["test", *fit_args[1:3], fit_args[4], *extra]  # the same config, val data and overrides
+    if not any(a.startswith("--trainer.default_root_dir") for a in extra):
+        test_args.append(f"--trainer.default_root_dir={run_dir}")
     ckpt = find_resume_checkpoint(run_dir)  # also when the run was already complete and nothing ran
     lines = [
         "Demo finished.",
@@ -172,6 +176,7 @@ def main(argv: list[str]) -> None:
         f"  sample grids: {run_dir / 'grids'}",
         f"  eval tables : {run_dir / 'eval'}",
         f"  checkpoint  : {ckpt}",
+        f"  measure again: python -m sr3_lightning {shlex.join(test_args)}",
     ]
     if (run_dir / "wandb").is_dir():
         lines.append(
