@@ -225,7 +225,7 @@ def check_test_inputs(callbacks: list, val_names: list[str], limit_batches: Any)
         )
     if not val_names:
         raise ValueError("test evaluates the val domains, and data.val is empty: set data.val")
-    if limit_batches is not None and limit_batches == 0:
+    if limit_batches == 0:
         raise ValueError("trainer.limit_test_batches=0 skips the test loop and its evaluation: remove it")
 
 

@@ -344,7 +344,6 @@ class DomainEval(Callback):
         write_image_table(trainer, path, f"eval/{domain}", step, keys, columns)
         if grid_rows:
             rows = torch.cat(grid_rows)  # [N, n + 2, 3, H, W]
-            assert self._run_dir is not None, "setup() sets the run directory"
             path = self._run_dir / "grids" / f"diversity_{domain}_step{step:06d}{self._suffix}.png"
             grid = to_png(rows.flatten(0, 1), path, nrow=rows.shape[1])
             caption = f"bicubic | {self.diversity_samples} samples (seeds {self.seed}.. with each key) | HR"

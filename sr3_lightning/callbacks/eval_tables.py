@@ -33,10 +33,8 @@ def metrics_table(metrics: dict[str, float]) -> str:
     for key, value in metrics.items():
         kind, domain, name = (key.split("/", 2) + ["", ""])[:3]
         if kind == "val" and name and name != "loss":
-            bicubic = name.startswith("bicubic_")
-            rows.setdefault(f"{domain} bicubic" if bicubic else domain, {})[name.removeprefix("bicubic_")] = (
-                value
-            )
+            label = f"{domain} bicubic" if name.startswith("bicubic_") else domain
+            rows.setdefault(label, {})[name.removeprefix("bicubic_")] = value
         elif kind == "forget" and name:
             rows.setdefault(f"{domain} forget", {})[name] = value
     columns = {c: max(11, len(c)) for values in rows.values() for c in values}  # name -> width
