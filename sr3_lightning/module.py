@@ -240,7 +240,7 @@ class SR3Module(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """``test`` rows at the step of the weights they measure, as in ``validate``."""
-        self.log("step", float(self._restored_step), add_dataloader_idx=False, sync_dist=True)
+        self.on_validation_epoch_end()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._restored_step = int(checkpoint.get("global_step", 0))
