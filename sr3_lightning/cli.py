@@ -170,10 +170,10 @@ class SR3CLI(LightningCLI):
             tracking = self._get(self.config_init, "tracking")
             if isinstance(tracking, Namespace):
                 tracking = Tracking(**tracking.as_dict())
-            log_dir = run_dir
-            if self.subcommand not in (None, "fit"):  # keep the training run's config and metrics intact
-                log_dir = run_dir / self.subcommand
-                tracking = replace(tracking, name=tracking.name or f"{run_dir.name}-{self.subcommand}")
+            log_dir = evaluation_dir(run_dir, self.subcommand, callbacks)
+            if log_dir != run_dir:  # keep the training run's config and metrics intact
+                name = "-".join((run_dir.name, *log_dir.relative_to(run_dir).parts))
+                tracking = replace(tracking, name=tracking.name or name)
             kwargs["logger"] = make_loggers(tracking, log_dir, job_type=JOB_TYPES[self.subcommand or "fit"])
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
@@ -227,6 +227,18 @@ def check_test_inputs(callbacks: list, val_names: list[str], limit_batches: Any)
         raise ValueError("test evaluates the val domains, and data.val is empty: set data.val")
     if limit_batches == 0:
         raise ValueError("trainer.limit_test_batches=0 skips the test loop and its evaluation: remove it")
+
+
+def evaluation_dir(run_dir: Path, subcommand: str | None, callbacks: list) -> Path:
+    """Where a subcommand logs: ``fit`` into the run directory, ``validate`` into RUN/validate, ``test``
+    into RUN/test/<sampler settings> (e.g. RUN/test/ddim-50-eta0.0-seed0), one metrics.csv and W&B run per
+    setting, so rows measured with other samplers at the same step are never mixed."""
+    if subcommand in (None, "fit"):
+        return run_dir
+    if subcommand == "test":
+        tags = [c.settings_tag for c in callbacks if isinstance(c, DomainEval)]
+        return run_dir / "test" / "+".join(tags)
+    return run_dir / subcommand
 
 
 def run_dir_of(trainer_cfg: Any) -> Path:

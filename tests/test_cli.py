@@ -334,22 +334,22 @@ def test_test_measures_a_checkpoint_as_its_training_run_did(tiny_shards, tmp_pat
 
     cli = cli_main(["test", *fit_args(tiny_shards, tmp_path, *evaluation)[1:]])  # the run's newest
     assert cli.trainer.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
-    rows = list(csv.DictReader((tmp_path / "test" / "metrics.csv").read_text().splitlines()))
+    tested_dir = tmp_path / "test" / "ddpm-4-seed0"  # a directory per sampler setting
+    rows = list(csv.DictReader((tested_dir / "metrics.csv").read_text().splitlines()))
     measured = {k: v for r in rows for k, v in r.items() if v and r["step"] == "2"}
     for key in ("val/anime/psnr", "val/anime/ssim", "val/anime/bicubic_psnr", "forget/anime/psnr"):
         assert float(measured[key]) == float(fit_rows["2"][key]), key  # the same noise, the same numbers
     assert "val/anime/loss" in measured and {r["step"] for r in rows} == {"2"}
     printed = capsys.readouterr().out.splitlines()
     header = printed.index(
-        f"DomainEval of the weights at step 2, ddpm-4-seed0 (per-image values: {tmp_path}/test/eval/"
-        "*_ddpm-4-seed0.csv):"
+        f"DomainEval of the weights at step 2, ddpm-4-seed0 (per-image values: {tested_dir}/eval/):"
     )
     table = [line.split() for line in printed[header + 1 : header + 5]]
     assert table[0][:3] == ["domain", "psnr", "ssim"] and [row[0] for row in table[1:]] == ["anime"] * 3
     assert float(table[1][1]) == pytest.approx(float(measured["val/anime/psnr"]), abs=1e-4)
     assert table[3][:3] == ["anime", "forget", f"{float(measured['forget/anime/psnr']):+.4f}"]
-    tested = (tmp_path / "test" / "eval" / "anime_step000002_ddpm-4-seed0.csv").read_text()
-    assert tested == (tmp_path / "eval" / "anime_step000002.csv").read_text()  # named apart, equal
+    tested = (tested_dir / "eval" / "anime_step000002.csv").read_text()
+    assert tested == (tmp_path / "eval" / "anime_step000002.csv").read_text()
     assert {name: (tmp_path / name).read_text() for name in trained} == trained
 
     other_images = "--data.val=[{domain: anime, shards: " + str(tiny_shards) + ", num_images: 3}]"
@@ -357,6 +357,11 @@ def test_test_measures_a_checkpoint_as_its_training_run_did(tiny_shards, tmp_pat
     metrics = {k: v.item() for k, v in cli.trainer.callback_metrics.items()}
     assert not any(k.startswith("forget/") for k in metrics)  # the baseline measured 4 other images
     assert "No forget/* rows" in capsys.readouterr().out
+    four_steps = (tested_dir / "metrics.csv").read_text()
+    cli_main(["test", *fit_args(tiny_shards, tmp_path, *evaluation)[1:], "--trainer.callbacks.steps=2"])
+    other_sampler = (tmp_path / "test" / "ddpm-2-seed0" / "metrics.csv").read_text()
+    assert {r["step"] for r in csv.DictReader(other_sampler.splitlines())} == {"2"}
+    assert (tested_dir / "metrics.csv").read_text() == four_steps  # each setting's rows apart
 
     pretrained = tmp_path / "pretrained"  # no checkpoint: the init_from weights, before any tuning
     cli = cli_main(
@@ -366,7 +371,7 @@ def test_test_measures_a_checkpoint_as_its_training_run_did(tiny_shards, tmp_pat
     assert not any(k.startswith("forget/") for k in cli.trainer.callback_metrics)  # no baseline to compare
     assert cli.trainer.callback_metrics["val/anime/bicubic_psnr"].item() == metrics["val/anime/bicubic_psnr"]
     assert metrics["val/anime/bicubic_psnr"] != float(fit_rows["2"]["val/anime/bicubic_psnr"])
-    assert (pretrained / "test" / "eval" / "anime_step000000_ddpm-4-seed0.csv").exists()
+    assert (pretrained / "test" / "ddpm-4-seed0" / "eval" / "anime_step000000.csv").exists()
 
     with pytest.raises(ValueError, match="test super-resolves the val domains with the DomainEval callback"):
         cli_main(["test", *fit_args(tiny_shards, tmp_path)[1:]])

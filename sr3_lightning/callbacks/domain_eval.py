@@ -135,7 +135,6 @@ class DomainEval(Callback):
         self._lpips_model: torch.nn.Module | None = None
         self._run_dir: Path | None = None
         self._weights_step: int | None = None  # the step of the checkpoint restored in this trainer call
-        self._suffix = ""  # of the file names of this trainer call's evaluations
 
     def check_inputs(self, val_names: list[str] | None = None) -> None:
         """What evaluation will need, checked before a run starts: the LPIPS AlexNet weights, and the
@@ -156,7 +155,8 @@ class DomainEval(Callback):
 
     @property
     def settings_tag(self) -> str:
-        """The sampler settings in a file name, e.g. ``ddpm-all-seed0`` or ``ddim-50-eta0.0-seed0``."""
+        """The sampler settings as a name, e.g. ``ddpm-all-seed0`` or ``ddim-50-eta0.0-seed0``: ``test`` logs
+        each setting into a directory of its own, so measurements with other samplers never share rows."""
         eta = f"-eta{self.eta}" if self.sampler == "ddim" else ""
         return f"{self.sampler}-{self.steps or 'all'}{eta}-seed{self.seed}"
 
@@ -192,7 +192,6 @@ class DomainEval(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._run_dir = run_dir(trainer)
         self._weights_step = None  # restoring a checkpoint (after setup) sets it
-        self._suffix = f"_{self.settings_tag}" if stage == "test" else ""  # test files beside fit's
         if self.lpips and self._lpips_model is None and stage in ("fit", "test"):  # not in validate
             # Built on every rank, before training starts, so missing weights stop all ranks at once.
             self._lpips_model = build_lpips(pretrained_backbone=self.lpips_backbone == "pretrained")
@@ -232,7 +231,7 @@ class DomainEval(Callback):
             metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
             print(
                 f"DomainEval of the weights at step {step}, {self.settings_tag} (per-image values: "
-                f"{self._run_dir}/eval/*{self._suffix}.csv):\n{metrics_table(metrics)}"
+                f"{self._run_dir}/eval/):\n{metrics_table(metrics)}"
             )
             if self.original_domains and not any(k.startswith("forget/") for k in metrics):
                 print(
@@ -340,11 +339,11 @@ class DomainEval(Callback):
         columns = {k: torch.cat(v) for k, v in per_image.items()}
         self.bicubic[domain] = {k: torch.cat(v).mean().item() for k, v in bicubic.items()}
         assert self._run_dir is not None, "setup() sets the run directory"
-        path = self._run_dir / "eval" / f"{domain}_step{step:06d}{self._suffix}.csv"
+        path = self._run_dir / "eval" / f"{domain}_step{step:06d}.csv"
         write_image_table(trainer, path, f"eval/{domain}", step, keys, columns)
         if grid_rows:
             rows = torch.cat(grid_rows)  # [N, n + 2, 3, H, W]
-            path = self._run_dir / "grids" / f"diversity_{domain}_step{step:06d}{self._suffix}.png"
+            path = self._run_dir / "grids" / f"diversity_{domain}_step{step:06d}.png"
             grid = to_png(rows.flatten(0, 1), path, nrow=rows.shape[1])
             caption = f"bicubic | {self.diversity_samples} samples (seeds {self.seed}.. with each key) | HR"
             log_wandb_image(trainer, f"samples/diversity_{domain}", grid, caption, step)
