@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,11 +17,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from dataset_tools.make_shards import make_shards
 from sr3_lightning.callbacks import DomainEval, SampleGrid
-from sr3_lightning.callbacks.domain_eval import regroup
+from sr3_lightning.callbacks.val_batches import regroup
 from sr3_lightning.data import SR3DataModule, TrainDomain, ValDomain
 from sr3_lightning.metrics import LpipsWeightsMissing, consistency, psnr, ssim, to_uint8
 from sr3_lightning.module import SR3Module
+from tests.conftest import write_images
 from tests.loop import tiny_fit_args
 from tests.reference import TINY as TINY_UNET
 
@@ -191,7 +195,9 @@ def test_regroup_cuts_loader_batches_into_eval_batches() -> None:
     assert next(regroup(unnamed, None))["key"] == ["0", "1", "2", "3", "4", "5"]
 
 
-def test_resume_keeps_the_step0_baseline(tmp_path: Path, tiny_shards: Path) -> None:
+def test_resume_keeps_the_step0_baseline(
+    tmp_path: Path, tiny_shards: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     def callbacks(run: str, at_steps: list[int]) -> tuple[DomainEval, ModelCheckpoint]:
         evaluation = DomainEval(at_steps=at_steps, original_domains=["ffhq"], lpips=False, **FAST)
         ckpt = ModelCheckpoint(dirpath=tmp_path / run / "ckpt", save_last=True, every_n_train_steps=2)
@@ -216,6 +222,16 @@ def test_resume_keeps_the_step0_baseline(tmp_path: Path, tiny_shards: Path) -> N
     expected = logged[4]["val/ffhq/psnr"] - first.baseline["ffhq"]["psnr"]
     assert logged[4]["forget/ffhq/psnr"] == pytest.approx(expected, abs=1e-9)
     assert logged[4]["val/ffhq/bicubic_psnr"] == first.history[0]["val/ffhq/bicubic_psnr"]
+
+    rebuilt = tmp_path / "rebuilt"  # ffhq's shards made anew from other images under the same names
+    shutil.copytree(tiny_shards, rebuilt, ignore=shutil.ignore_patterns("ffhq"))
+    write_images(tmp_path / "other_ffhq", 8, seed=1, prefix="ffhq_")
+    make_shards(tmp_path / "other_ffhq", rebuilt / "ffhq", "ffhq", 8, 32, workers=1, progress=False)
+    third, ckpt = callbacks("c", [3])
+    with caplog.at_level(logging.WARNING):
+        logged = logged_metrics(fit(tmp_path / "c", [third, ckpt], rebuilt, max_steps=3, ckpt_path=str(last)))
+    assert "val/ffhq/psnr" in logged[3] and not any(k.startswith("forget/") for k in logged[3])
+    assert "'ffhq' val images have the names but not the pixels of the baseline at step 0" in caplog.text
 
 
 def test_missing_lpips_weights_stop_before_training(

@@ -7,8 +7,8 @@ every val domain before the first update (the baseline) and again at chosen step
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from sr3_lightning.callbacks.eval_tables import metrics_table, write_image_table
 from sr3_lightning.callbacks.sample_grid import log_wandb_image, run_dir, to_png, val_domains
+from sr3_lightning.callbacks.val_batches import add_to_digest, loader_size, regroup
 from sr3_lightning.diffusion.sampling import image_generator
 from sr3_lightning.metrics import (
     build_lpips,
@@ -51,8 +52,7 @@ class DomainEval(Callback):
     Metrics go to every logger at ``trainer.global_step`` and stay in ``self.history`` (step -> metrics).
     Per-image values are written to ``{run_dir}/eval/{domain}_step{step:06d}.csv`` (and a W&B table
     ``eval/{domain}``). ``python -m sr3_lightning test`` evaluates a checkpoint (or ``init_from`` weights)
-    once, the same way, at the step it was trained to; its files' names end in the sampler settings
-    (``_ddpm-all-seed0``), so tests with other settings sit side by side.
+    once, the same way, at the step it was trained to, into ``RUN/test/<settings_tag>/``.
 
     The baseline, its images, history and evaluated steps are in ``state_dict`` so a
     resumed run keeps measuring against the original step 0 (restored when sampler, steps, eta and seed are
@@ -129,6 +129,7 @@ class DomainEval(Callback):
         self.baseline: dict[str, dict[str, float]] | None = None  # domain -> metric -> value at baseline_step
         self.baseline_step: int | None = None
         self.baseline_keys: dict[str, list[str]] | None = None  # domain -> the images the baseline measured
+        self.baseline_digests: dict[str, str] = {}  # domain -> a hash of those images' keys and pixels
         self.bicubic: dict[str, dict[str, float]] = {}  # domain -> bicubic_* metrics of the last evaluation
         self.history: dict[int, dict[str, float]] = {}  # global step -> every key logged at that step
         self.evaluated_steps: set[int] = set()
@@ -175,6 +176,7 @@ class DomainEval(Callback):
             "baseline": self.baseline,
             "baseline_step": self.baseline_step,
             "baseline_keys": self.baseline_keys,
+            "baseline_digests": self.baseline_digests,
             "bicubic": self.bicubic,
             "history": self.history,
             "evaluated_steps": sorted(self.evaluated_steps),
@@ -184,6 +186,7 @@ class DomainEval(Callback):
         self.baseline = state_dict["baseline"]
         self.baseline_step = state_dict["baseline_step"]
         self.baseline_keys = state_dict.get("baseline_keys")  # None in checkpoints from before it was kept
+        self.baseline_digests = dict(state_dict.get("baseline_digests") or {})
         self.bicubic = dict(state_dict["bicubic"])
         self.history = {int(k): v for k, v in state_dict["history"].items()}
         self.evaluated_steps = set(state_dict["evaluated_steps"])
@@ -269,15 +272,16 @@ class DomainEval(Callback):
                 }
         finally:
             pl_module.train(was_training)
-        results = {name: means for name, (_, means) in evaluated.items()}
+        results = {name: means for name, (_, _, means) in evaluated.items()}
         if self.baseline is None and record:
             self.baseline, self.baseline_step = results, step
-            self.baseline_keys = {name: keys for name, (keys, _) in evaluated.items()}
+            self.baseline_keys = {name: keys for name, (keys, _, _) in evaluated.items()}
+            self.baseline_digests = {name: digest for name, (_, digest, _) in evaluated.items()}
         metrics: dict[str, float] = {}
         for name, values in results.items():
             metrics.update({f"val/{name}/{k}": v for k, v in values.items()})
             metrics.update({f"val/{name}/{k}": v for k, v in self.bicubic[name].items()})
-            if name in self.original_domains and self._has_baseline(name, evaluated[name][0]):
+            if name in self.original_domains and self._has_baseline(name, *evaluated[name][:2]):
                 base = self.baseline[name]
                 metrics.update({f"forget/{name}/{k}": v - base[k] for k, v in values.items() if k in base})
         if record:
@@ -287,35 +291,42 @@ class DomainEval(Callback):
         log.info("DomainEval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
         return metrics
 
-    def _has_baseline(self, domain: str, keys: list[str]) -> bool:
-        """A baseline of these very images: another val set would make forget/* measure the change of set."""
+    def _has_baseline(self, domain: str, keys: list[str], digest: str) -> bool:
+        """A baseline of these very images: another val set would make forget/* measure the change of set.
+        Keys and pixels are compared: shards rebuilt from other images may reuse the names."""
         if not self.baseline or domain not in self.baseline:
             return False
         if self.baseline_keys is not None and self.baseline_keys.get(domain) != keys:
-            log.warning(
-                "DomainEval: the '%s' val images are not those of the baseline at step %s; forget/%s/* is "
-                "not logged (it would measure the change of images). Use the data.val of the training run.",
-                *(domain, self.baseline_step, domain),
-            )
-            return False
-        return True
+            why = "are not those"
+        elif self.baseline_digests.get(domain, digest) != digest:
+            why = "have the names but not the pixels"
+        else:
+            return True
+        log.warning(
+            "DomainEval: the '%s' val images %s of the baseline at step %s; forget/%s/* is not logged (it "
+            "would measure the change of images). Use the data.val (and shards) of the training run.",
+            *(domain, why, self.baseline_step, domain),
+        )
+        return False
 
     def _evaluate_domain(
         self, trainer: Trainer, pl_module: LightningModule, domain: str, loader: Any, step: int
-    ) -> tuple[list[str], dict[str, float]]:
-        """Score every val image of one domain; writes the per-image CSV/table; returns keys and means."""
+    ) -> tuple[list[str], str, dict[str, float]]:
+        """Score every val image of one domain; writes the per-image CSV/table; returns the keys, a digest
+        of the keys and pixels, and the means."""
         device = pl_module.device
         if self._lpips_model is not None:
             self._lpips_model.to(device)
         n_draws = max(1, self.diversity_samples)
         keys: list[str] = []
+        digest = hashlib.sha256()
         per_image: dict[str, list[Tensor]] = {}
         bicubic: dict[str, list[Tensor]] = {}
         grid_rows: list[Tensor] = []
-        bar = tqdm(
-            desc=f"eval {domain} @ step {step}", unit="img", total=_size(loader), disable=None, leave=False
-        )
+        desc, total = f"eval {domain} @ step {step}", loader_size(loader)
+        bar = tqdm(desc=desc, unit="img", total=total, disable=None, leave=False)  # None: off without a tty
         for batch in regroup(loader, self.batch_size):
+            add_to_digest(digest, batch)
             lr, lr_up, hr = (batch[k].to(device) for k in ("lr", "lr_up", "hr"))
             samples = [
                 self._sample(pl_module, lr_up, domain, batch["key"], self.seed + j) for j in range(n_draws)
@@ -347,7 +358,7 @@ class DomainEval(Callback):
             grid = to_png(rows.flatten(0, 1), path, nrow=rows.shape[1])
             caption = f"bicubic | {self.diversity_samples} samples (seeds {self.seed}.. with each key) | HR"
             log_wandb_image(trainer, f"samples/diversity_{domain}", grid, caption, step)
-        return keys, {k: v.mean().item() for k, v in columns.items()}
+        return keys, digest.hexdigest(), {k: v.mean().item() for k, v in columns.items()}
 
     def _sample(
         self, pl_module: LightningModule, lr_up: Tensor, domain: str, keys: list[str], seed: int
@@ -373,31 +384,3 @@ class DomainEval(Callback):
             out[self.lpips_name] = lpips_distance(self._lpips_model, pred, hr)
         out["consistency"] = consistency(pred, lr)
         return out
-
-
-def regroup(loader: Iterable[dict[str, Any]], size: int | None) -> Iterator[dict[str, Any]]:
-    """The loader's images (``lr``, ``lr_up``, ``hr``, ``key``) in batches of ``size`` (None: one batch).
-    Images without a key are named by their position."""
-    held: dict[str, list] = {"lr": [], "lr_up": [], "hr": [], "key": []}
-    count = seen = 0
-    for batch in loader:
-        n = len(batch["hr"])
-        for k in ("lr", "lr_up", "hr"):
-            held[k].append(batch[k])
-        held["key"].extend(str(k) for k in batch.get("key", range(seen, seen + n)))
-        count, seen = count + n, seen + n
-        while size is not None and count >= size:
-            tensors = {k: torch.cat(held[k]) for k in ("lr", "lr_up", "hr")}
-            yield {**{k: v[:size] for k, v in tensors.items()}, "key": held["key"][:size]}
-            held = {**{k: [v[size:]] for k, v in tensors.items()}, "key": held["key"][size:]}
-            count -= size
-    if count:
-        yield {**{k: torch.cat(held[k]) for k in ("lr", "lr_up", "hr")}, "key": held["key"]}
-
-
-def _size(loader: Any) -> int | None:
-    """Number of val images for the progress bar, when the loader knows it."""
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError):
-        return None
