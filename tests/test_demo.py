@@ -27,6 +27,7 @@ def test_demo_on_a_user_folder(tmp_path, capsys):
             f"--trainer.default_root_dir={run}",
             "--trainer.max_steps=2",
             "--tracking.mode=disabled",
+            "--fresh=true",
         ]
     )
     out = capsys.readouterr().out
@@ -39,6 +40,7 @@ def test_demo_on_a_user_folder(tmp_path, capsys):
         run / "checkpoints" / "last.ckpt"
     ).is_file()
     again = next(line for line in out.splitlines() if line.startswith("  measure again: "))
+    assert "--tracking.mode=disabled" in again and "--fresh" not in again  # fit's "start anew" is not test's
     cli_main(shlex.split(again.split(" -m sr3_lightning ", 1)[1]))  # as printed, in the shell's words
     tested_csv = run / "test" / "ddpm-25-seed0" / "metrics.csv"  # the demo's DomainEval: respaced DDPM-25
     tested = [r for r in csv.DictReader(tested_csv.open()) if r.get("val/photos/psnr")]
@@ -77,8 +79,11 @@ def test_demo_on_a_new_src_rebuilds_the_data_of_an_earlier_run(demo_without_fit,
     data = tmp_path / "data"
     bundled = demo_without_fit(data)  # what `make demo` leaves behind
     assert [len(bundled[d]) for d in ("train/photos", "val/photos", "val/science")] == [10, 2, 3]
+    science = data / "images" / "val" / "science"
+    crops = {p.name: p.read_bytes() for p in science.iterdir()}
     write_images(tmp_path / "mine", 16, prefix="photo_")
     keys = demo_without_fit(data, tmp_path / "mine")
+    assert {p.name: p.read_bytes() for p in science.iterdir()} == crops  # the very pixels, not just names
     assert keys["train/photos"] == [f"photo_{i:03d}" for i in range(8)]
     assert keys["val/photos"] == [f"photo_{i:03d}" for i in range(8, 16)]  # the user's photos are scored
     assert keys["val/science"] == bundled["val/science"]

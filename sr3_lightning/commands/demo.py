@@ -45,30 +45,44 @@ def parser() -> ArgumentParser:
     return p
 
 
-def write_crops(photo: np.ndarray, count: int, out: Path, stem: str, rng: np.random.Generator) -> None:
+def write_crops(photo: np.ndarray, count: int, out: Path | None, stem: str, rng: np.random.Generator) -> None:
+    """``count`` random crops of ``photo`` into ``out``; ``out=None`` only draws their positions."""
     h, w = photo.shape[:2]
     for i in range(count):
         y, x = rng.integers(0, h - CROP + 1), rng.integers(0, w - CROP + 1)
-        Image.fromarray(photo[y : y + CROP, x : x + CROP]).save(out / f"{stem}_{i:03d}.png")
+        if out is not None:
+            Image.fromarray(photo[y : y + CROP, x : x + CROP]).save(out / f"{stem}_{i:03d}.png")
 
 
 def bundled_photos(data_dir: Path, domains: tuple[str, ...] = tuple(DOMAINS)) -> dict[str, Path]:
-    """Cut scikit-image's photographs into crops, one folder per domain; deterministic (seed 0)."""
+    """Cut scikit-image's photographs into crops, one folder per domain in ``domains``; deterministic
+    (seed 0). The crops of a domain do not depend on which domains are written (the others' positions are
+    drawn all the same), so ``demo --src`` evaluates the very ``science`` crops of the bundled demo."""
     import skimage.data
 
     folders = {}
     rng = np.random.default_rng(0)
-    for domain in domains:
-        names = DOMAINS[domain]
-        out = data_dir / "images" / domain
-        out.mkdir(parents=True, exist_ok=True)
+    for domain, names in DOMAINS.items():
+        out = data_dir / "images" / domain if domain in domains else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            folders[domain] = out
         for entry in names:
             name, _, part = entry.partition(":")  # "stereo_motorcycle:1" = the right view of a pair
             photo = getattr(skimage.data, name)()
             photo = np.asarray(photo[int(part)] if part else photo)[..., :3]
             write_crops(photo, CROPS[domain], out, name + part, rng)
-        folders[domain] = out
     return folders
+
+
+def without_fresh(args: list[str]) -> list[str]:
+    """The fit overrides ``test`` takes too: all but ``--fresh`` (fit's "start anew")."""
+    kept, skip = [], False
+    for arg in args:
+        if not skip and not arg.startswith("--fresh"):
+            kept.append(arg)
+        skip = arg == "--fresh"  # `--fresh true`: its value is the next word
+    return kept
 
 
 def check_src(src: Path) -> list[Path]:
@@ -166,7 +180,7 @@ def main(argv: list[str]) -> None:
     ]
     cli = cli_main([*fit_args, *extra])
     run_dir = Path(cli.trainer.log_dir)
-    test_args = ["test", *fit_args[1:3], fit_args[4], *extra]  # the same config, val data and overrides
+    test_args = ["test", *fit_args[1:3], fit_args[4], *without_fresh(extra)]  # the same config and data
     if not any(a.startswith("--trainer.default_root_dir") for a in extra):
         test_args.append(f"--trainer.default_root_dir={run_dir}")
     ckpt = find_resume_checkpoint(run_dir)  # also when the run was already complete and nothing ran
