@@ -2,7 +2,8 @@
 
 Each validation HR image (at the model's size) is downsampled by each scale and bicubic-upsampled back, as
 in ``diffsr-calibrate``; Diff-SR starts from the level ``--noise-level auto`` would pick from the PRF table;
-the full SR3 chain starts from pure noise, conditioned on the same bicubic upsample (its native scale is
+the SR3 chain starts from pure noise, conditioned on the same bicubic upsample, with the sampler and
+steps the table was calibrated with (all T steps: "SR3 full chain"; its native scale is
 the one it was trained for; other scales are shown too, marked). Prints a Markdown table (PSNR / SSIM per
 domain, LPIPS, LR consistency, the fidelity loss, network evaluations and seconds per image) and writes it,
 the raw numbers and one example sheet per scale to ``--out``.
@@ -74,6 +75,12 @@ def run(
     return images.cpu(), nfe, time.perf_counter() - start
 
 
+def chain_name(table: dict, num_timesteps: int) -> str:
+    """The from-noise row runs the table's sampler: all T steps only when it was calibrated with them."""
+    steps = table["steps"]
+    return "SR3 full chain" if steps in (None, num_timesteps) else f"SR3 from noise, {steps} steps"
+
+
 def evaluate(args) -> tuple[list[dict], dict[float, list[list[Image.Image]]]]:
     model = load_model(args.ckpt, args.device)
     table = load_prf_table(args.prf)
@@ -90,7 +97,7 @@ def evaluate(args) -> tuple[list[dict], dict[float, list[list[Image.Image]]]]:
         methods = {
             "bicubic": "bicubic",
             f"Diff-SR, level {choice.level:.2f} ({prf})": "diffsr",
-            "SR3 full chain" + ("" if native else " (not its scale)"): "full",
+            chain_name(table, model.hparams.num_timesteps) + ("" if native else " (not its scale)"): "full",
         }
         outputs = {}
         for method, kind in methods.items():

@@ -170,7 +170,7 @@ class SR3CLI(LightningCLI):
             tracking = self._get(self.config_init, "tracking")
             if isinstance(tracking, Namespace):
                 tracking = Tracking(**tracking.as_dict())
-            log_dir = evaluation_dir(run_dir, self.subcommand, callbacks)
+            log_dir = evaluation_dir(run_dir, self.subcommand, callbacks, self.model.hparams.objective)
             if log_dir != run_dir:  # keep the training run's config and metrics intact
                 name = "-".join((run_dir.name, *log_dir.relative_to(run_dir).parts))
                 tracking = replace(tracking, name=tracking.name or name)
@@ -229,14 +229,14 @@ def check_test_inputs(callbacks: list, val_names: list[str], limit_batches: Any)
         raise ValueError("trainer.limit_test_batches=0 skips the test loop and its evaluation: remove it")
 
 
-def evaluation_dir(run_dir: Path, subcommand: str | None, callbacks: list) -> Path:
+def evaluation_dir(run_dir: Path, subcommand: str | None, callbacks: list, objective: str) -> Path:
     """Where a subcommand logs: ``fit`` into the run directory, ``validate`` into RUN/validate, ``test``
     into RUN/test/<sampler settings> (e.g. RUN/test/ddim-50-eta0.0-seed0), one metrics.csv and W&B run per
     setting, so rows measured with other samplers at the same step are never mixed."""
     if subcommand in (None, "fit"):
         return run_dir
     if subcommand == "test":
-        tags = [c.settings_tag for c in callbacks if isinstance(c, DomainEval)]
+        tags = [c.settings_tag(objective) for c in callbacks if isinstance(c, DomainEval)]
         return run_dir / "test" / "+".join(tags)
     return run_dir / subcommand
 

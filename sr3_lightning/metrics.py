@@ -124,7 +124,8 @@ def check_lpips_weights() -> str:
         raise LpipsWeightsMissing(
             f"LPIPS needs the AlexNet weights at {path}, which does not exist (nothing is downloaded). "
             f"Either place the file there (download {ALEXNET_URL}; the directory follows TORCH_HOME), "
-            "or turn LPIPS off with `lpips: false` in the evaluation config."
+            "or turn LPIPS off: `lpips: false` in the DomainEval callback (--trainer.callbacks.lpips=false), "
+            "`--lpips false` for diffsr-calibrate and benchmarks/diffsr_eval.py."
         )
     return path
 

@@ -1,5 +1,7 @@
 """The one-step regression baseline trains through the same CLI and answers deterministically."""
 
+from pathlib import Path
+
 from PIL import Image
 
 from sr3_lightning.cli import cli_main
@@ -30,3 +32,12 @@ def test_regression_trains_through_fit_and_samples_deterministically(tiny_shards
         )
         outputs.append((out / "noise_sr.png").read_bytes())
     assert outputs[0] == outputs[1]  # same input, same output, whatever the seed
+
+    evaluation = [
+        "--trainer.callbacks+=sr3_lightning.callbacks.DomainEval",
+        "--trainer.callbacks.lpips=false",
+    ]
+    test = ["test", *tiny_fit_args(tiny_shards, run, 3, "--model.objective=regression", *evaluation)[1:]]
+    cli = cli_main(test)  # no sampler: its measurements are named for the objective, not the sampler
+    assert Path(cli.trainer.log_dir) == run / "test" / "regression"
+    assert (run / "test" / "regression" / "eval" / "anime_step000003.csv").is_file()

@@ -52,7 +52,7 @@ class DomainEval(Callback):
     Metrics go to every logger at ``trainer.global_step`` and stay in ``self.history`` (step -> metrics).
     Per-image values are written to ``{run_dir}/eval/{domain}_step{step:06d}.csv`` (and a W&B table
     ``eval/{domain}``). ``python -m sr3_lightning test`` evaluates a checkpoint (or ``init_from`` weights)
-    once, the same way, at the step it was trained to, into ``RUN/test/<settings_tag>/``.
+    once, the same way, at the step it was trained to, into ``RUN/test/<settings_tag()>/``.
 
     The baseline, its images, history and evaluated steps are in ``state_dict`` so a
     resumed run keeps measuring against the original step 0 (restored when sampler, steps, eta and seed are
@@ -154,10 +154,12 @@ class DomainEval(Callback):
                 "add them to data.val or correct the DomainEval callback's original_domains"
             )
 
-    @property
-    def settings_tag(self) -> str:
-        """The sampler settings as a name, e.g. ``ddpm-all-seed0`` or ``ddim-50-eta0.0-seed0``: ``test`` logs
-        each setting into a directory of its own, so measurements with other samplers never share rows."""
+    def settings_tag(self, objective: str = "diffusion") -> str:
+        """The sampler settings as a name, e.g. ``ddpm-all-seed0`` or ``ddim-50-eta0.0-seed0`` (``regression``
+        for the one-pass model, which has no sampler): ``test`` logs each setting into a directory of its
+        own, so measurements with other samplers never share rows."""
+        if objective == "regression":
+            return "regression"
         eta = f"-eta{self.eta}" if self.sampler == "ddim" else ""
         return f"{self.sampler}-{self.steps or 'all'}{eta}-seed{self.seed}"
 
@@ -232,13 +234,14 @@ class DomainEval(Callback):
         self._evaluate(trainer, pl_module, step=step, record=False)
         if trainer.is_global_zero:
             metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+            tag = self.settings_tag(pl_module.hparams.objective)
             print(
-                f"DomainEval of the weights at step {step}, {self.settings_tag} (per-image values: "
+                f"DomainEval of the weights at step {step}, {tag} (per-image values: "
                 f"{self._run_dir}/eval/):\n{metrics_table(metrics)}"
             )
             if self.original_domains and not any(k.startswith("forget/") for k in metrics):
                 print(
-                    f"No forget/* rows: the checkpoint holds no baseline measured with {self.settings_tag} "
+                    f"No forget/* rows: the checkpoint holds no baseline measured with {tag} "
                     "on these val images; use the DomainEval settings and data.val of its training run"
                 )
 
