@@ -26,6 +26,7 @@ from sr3_lightning.module import SR3Module, restoring_from_checkpoint
 from sr3_lightning.resume import check_resume_settings, read_checkpoint_head
 from sr3_lightning.tracking import (
     Tracking,
+    drop_metrics_step,
     make_loggers,
     set_aside_logs_without_checkpoint,
     trim_metrics_csv,
@@ -93,8 +94,9 @@ class SR3CLI(LightningCLI):
         ckpt_path = cfg.get("ckpt_path")
         if subcommand in ("validate", "test") and not ckpt_path:
             ckpt_path = cfg["ckpt_path"] = self._checkpoint_to_evaluate(subcommand)
+        self.weights_step = 0  # of the weights validate / test evaluate: 0 for model.init_from
         if ckpt_path:
-            read_checkpoint_head(ckpt_path)
+            self.weights_step = read_checkpoint_head(ckpt_path)[0]
         elif subcommand == "fit" and not cfg.get("fresh"):
             found = find_resume_checkpoint(run_dir_of(cfg.trainer))
             ckpt_path = str(found) if found else None
@@ -174,6 +176,8 @@ class SR3CLI(LightningCLI):
             if log_dir != run_dir:  # keep the training run's config and metrics intact
                 name = "-".join((run_dir.name, *log_dir.relative_to(run_dir).parts))
                 tracking = replace(tracking, name=tracking.name or name)
+            if log_dir != run_dir:
+                drop_metrics_step(log_dir, self.weights_step)
             kwargs["logger"] = make_loggers(tracking, log_dir, job_type=JOB_TYPES[self.subcommand or "fit"])
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]

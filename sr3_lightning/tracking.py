@@ -13,6 +13,7 @@ import os
 import secrets
 import string
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -136,18 +137,34 @@ class RunCSVLogger(CSVLogger):
 @rank_zero_only
 def trim_metrics_csv(run_dir: str | Path, last_step: int) -> None:
     """Drop rows logged after ``last_step``: a resumed run logs those steps again."""
+    _keep_metrics_rows(Path(run_dir) / "metrics.csv", lambda step: step <= last_step)
+
+
+@rank_zero_only
+def drop_metrics_step(run_dir: str | Path, step: int) -> None:
+    """Drop the rows of ``step``: ``validate`` / ``test`` of the same checkpoint again replaces its earlier
+    rows, as it replaces the per-image files, so each step's rows are one measurement."""
     path = Path(run_dir) / "metrics.csv"
+    if _keep_metrics_rows(path, lambda s: s != step):
+        log.warning("%s: the rows of step %d are replaced by this measurement", path, step)
+
+
+def _keep_metrics_rows(path: Path, keep: Callable[[int], bool]) -> int:
+    """Rewrite ``path`` with the rows whose step ``keep`` accepts; returns how many were dropped."""
     if not path.is_file():
-        return
+        return 0
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames or [], [r for r in reader if int(r["step"]) <= last_step]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+        fields, rows = reader.fieldnames or [], list(reader)
+    kept = [r for r in rows if keep(int(r["step"]))]
+    if len(kept) < len(rows):
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, path)
+    return len(rows) - len(kept)
 
 
 @rank_zero_only

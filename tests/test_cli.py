@@ -358,6 +358,10 @@ def test_test_measures_a_checkpoint_as_its_training_run_did(tiny_shards, tmp_pat
     assert not any(k.startswith("forget/") for k in metrics)  # the baseline measured 4 other images
     assert "No forget/* rows" in capsys.readouterr().out
     four_steps = (tested_dir / "metrics.csv").read_text()
+    measured = [
+        float(r["val/anime/psnr"]) for r in csv.DictReader(four_steps.splitlines()) if r["val/anime/psnr"]
+    ]
+    assert measured == [pytest.approx(metrics["val/anime/psnr"])]  # step 2 measured again: its rows replaced
     cli_main(["test", *fit_args(tiny_shards, tmp_path, *evaluation)[1:], "--trainer.callbacks.steps=2"])
     other_sampler = (tmp_path / "test" / "ddpm-2-seed0" / "metrics.csv").read_text()
     assert {r["step"] for r in csv.DictReader(other_sampler.splitlines())} == {"2"}
