@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from dataset_tools.make_shards import make_shards
 from sr3_lightning.callbacks import DomainEval, SampleGrid
-from sr3_lightning.callbacks.val_batches import regroup
+from sr3_lightning.callbacks.val_batches import add_to_digest, regroup
 from sr3_lightning.data import SR3DataModule, TrainDomain, ValDomain
 from sr3_lightning.metrics import LpipsWeightsMissing, consistency, psnr, ssim, to_uint8
 from sr3_lightning.module import SR3Module
@@ -193,6 +194,26 @@ def test_regroup_cuts_loader_batches_into_eval_batches() -> None:
     assert batches[0]["lr"].flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
     unnamed = [{k: v for k, v in b.items() if k != "key"} for b in loader]
     assert next(regroup(unnamed, None))["key"] == ["0", "1", "2", "3", "4", "5"]
+
+
+def test_the_digest_of_val_images_does_not_depend_on_their_batches() -> None:
+    def digest(loader: list[dict[str, Any]], size: int | None) -> str:
+        h = hashlib.sha256()
+        for batch in regroup(loader, size):
+            add_to_digest(h, batch)
+        return h.hexdigest()
+
+    g = torch.Generator().manual_seed(0)
+    loader = []
+    for i in range(3):  # three loader batches of three images
+        lr, hr = torch.rand(3, 3, 2, 2, generator=g), torch.rand(3, 3, 4, 4, generator=g)
+        loader.append({"lr": lr, "lr_up": hr, "hr": hr, "key": [f"{i}{j}" for j in "abc"]})
+    assert len({digest(loader, size) for size in (None, 1, 2, 4, 9)}) == 1  # DomainEval's batch_size
+    before = digest(loader, None)
+    loader[2]["hr"][1, 0, 0, 0] += 1e-3  # one pixel of one image
+    changed = digest(loader, None)
+    loader[2]["key"][1] = "renamed"
+    assert len({before, changed, digest(loader, None)}) == 3
 
 
 def test_resume_keeps_the_step0_baseline(

@@ -38,8 +38,11 @@ def loader_size(loader: Any) -> int | None:
 
 
 def add_to_digest(digest: hashlib._Hash, batch: dict[str, Any]) -> None:
-    """Hash a batch's keys and pixels: a baseline is compared only with the very images it measured, and
-    shards rebuilt from other images may reuse the names."""
-    for k in ("lr", "hr"):
-        digest.update(batch[k].cpu().numpy().tobytes())
-    digest.update("\n".join(batch["key"]).encode())
+    """Hash a batch's keys and pixels, image by image (so the digest does not depend on how the images
+    are batched): a baseline is compared only with the very images it measured, and shards rebuilt from
+    other images may reuse the names."""
+    lr, hr = (batch[k].detach().cpu().contiguous().numpy() for k in ("lr", "hr"))
+    for key, lr_image, hr_image in zip(batch["key"], lr, hr):
+        digest.update(f"{key}\n".encode())
+        digest.update(lr_image.tobytes())
+        digest.update(hr_image.tobytes())
