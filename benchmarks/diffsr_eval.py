@@ -77,8 +77,8 @@ def run(
 
 def chain_name(table: dict, num_timesteps: int) -> str:
     """The from-noise row runs the table's sampler: all T steps only when it was calibrated with them."""
-    steps = table["steps"]
-    return "SR3 full chain" if steps in (None, num_timesteps) else f"SR3 from noise, {steps} steps"
+    steps, sampler = table["steps"], table["sampler"]
+    return "SR3 full chain" if steps in (None, num_timesteps) else f"SR3 from noise, {sampler} {steps}"
 
 
 def evaluate(args) -> tuple[list[dict], dict[float, list[list[Image.Image]]]]:

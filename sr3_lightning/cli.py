@@ -26,7 +26,8 @@ from sr3_lightning.module import SR3Module, restoring_from_checkpoint
 from sr3_lightning.resume import check_resume_settings, read_checkpoint_head
 from sr3_lightning.tracking import (
     Tracking,
-    drop_metrics_step,
+    count_metrics_rows,
+    drop_earlier_rows,
     make_loggers,
     set_aside_logs_without_checkpoint,
     trim_metrics_csv,
@@ -61,6 +62,8 @@ class SR3CLI(LightningCLI):
     def __init__(self, args: ArgsType = None, **kwargs) -> None:
         self.restore_from: str | None = None  # the checkpoint fit resumes or validate / test evaluates
         self.nothing_left = False  # fit: the resumed run is already at max_steps
+        self.weights_step = 0  # validate / test: the step of the weights evaluated (0: model.init_from)
+        self.evaluation_log: Path | None = None  # validate / test: the metrics.csv they log into
         super().__init__(
             SR3Module,
             SR3DataModule,
@@ -94,7 +97,6 @@ class SR3CLI(LightningCLI):
         ckpt_path = cfg.get("ckpt_path")
         if subcommand in ("validate", "test") and not ckpt_path:
             ckpt_path = cfg["ckpt_path"] = self._checkpoint_to_evaluate(subcommand)
-        self.weights_step = 0  # of the weights validate / test evaluate: 0 for model.init_from
         if ckpt_path:
             self.weights_step = read_checkpoint_head(ckpt_path)[0]
         elif subcommand == "fit" and not cfg.get("fresh"):
@@ -176,8 +178,7 @@ class SR3CLI(LightningCLI):
             if log_dir != run_dir:  # keep the training run's config and metrics intact
                 name = "-".join((run_dir.name, *log_dir.relative_to(run_dir).parts))
                 tracking = replace(tracking, name=tracking.name or name)
-            if log_dir != run_dir:
-                drop_metrics_step(log_dir, self.weights_step)
+            self.evaluation_log = log_dir / "metrics.csv" if log_dir != run_dir else None
             kwargs["logger"] = make_loggers(tracking, log_dir, job_type=JOB_TYPES[self.subcommand or "fit"])
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
@@ -214,6 +215,20 @@ class SR3CLI(LightningCLI):
         run's config.yaml, metrics and checkpoints stay as they are."""
         if not self.nothing_left:
             self.trainer.fit(**kwargs)
+
+    def validate(self, **kwargs: Any) -> None:
+        self._measure(self.trainer.validate, kwargs)
+
+    def test(self, **kwargs: Any) -> None:
+        self._measure(self.trainer.test, kwargs)
+
+    def _measure(self, run: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+        """An evaluation of weights measured before replaces their earlier rows in its metrics.csv, as it
+        replaces their per-image files, once it has finished: each step's rows are one measurement."""
+        earlier = count_metrics_rows(self.evaluation_log) if self.evaluation_log else 0
+        run(**kwargs)
+        if self.evaluation_log:
+            drop_earlier_rows(self.evaluation_log, self.weights_step, earlier)
 
 
 JOB_TYPES = {"fit": "train", "validate": "validate", "test": "test"}  # W&B's job_type: `report` reads train

@@ -137,26 +137,33 @@ class RunCSVLogger(CSVLogger):
 @rank_zero_only
 def trim_metrics_csv(run_dir: str | Path, last_step: int) -> None:
     """Drop rows logged after ``last_step``: a resumed run logs those steps again."""
-    _keep_metrics_rows(Path(run_dir) / "metrics.csv", lambda step: step <= last_step)
+    _keep_metrics_rows(Path(run_dir) / "metrics.csv", lambda _, step: step <= last_step)
+
+
+def count_metrics_rows(path: Path) -> int:
+    """Rows in a metrics.csv (0 when there is none)."""
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        return sum(1 for _ in csv.DictReader(f))
 
 
 @rank_zero_only
-def drop_metrics_step(run_dir: str | Path, step: int) -> None:
-    """Drop the rows of ``step``: ``validate`` / ``test`` of the same checkpoint again replaces its earlier
-    rows, as it replaces the per-image files, so each step's rows are one measurement."""
-    path = Path(run_dir) / "metrics.csv"
-    if _keep_metrics_rows(path, lambda s: s != step):
-        log.warning("%s: the rows of step %d are replaced by this measurement", path, step)
+def drop_earlier_rows(path: Path, step: int, earlier: int) -> None:
+    """Drop the rows of ``step`` among the first ``earlier`` rows (those written before this measurement):
+    ``validate`` / ``test`` of the same weights again replaces their rows once it has finished."""
+    if _keep_metrics_rows(path, lambda i, s: i >= earlier or s != step):
+        log.warning("%s: the earlier rows of step %d are replaced by this measurement", path, step)
 
 
-def _keep_metrics_rows(path: Path, keep: Callable[[int], bool]) -> int:
-    """Rewrite ``path`` with the rows whose step ``keep`` accepts; returns how many were dropped."""
+def _keep_metrics_rows(path: Path, keep: Callable[[int, int], bool]) -> int:
+    """Rewrite ``path`` with the rows ``keep(index, step)`` accepts; returns how many were dropped."""
     if not path.is_file():
         return 0
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames or [], list(reader)
-    kept = [r for r in rows if keep(int(r["step"]))]
+    kept = [r for i, r in enumerate(rows) if keep(i, int(r["step"]))]
     if len(kept) < len(rows):
         tmp = path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:

@@ -4,11 +4,13 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import Mock
 
 import pytest
 import torch
 import yaml
 
+from sr3_lightning.callbacks import DomainEval
 from sr3_lightning.cli import bad_input_exits, cli_main
 from sr3_lightning.diffusion.schedule import make_betas
 from sr3_lightning.metrics import LpipsWeightsMissing
@@ -366,6 +368,11 @@ def test_test_measures_a_checkpoint_as_its_training_run_did(tiny_shards, tmp_pat
     other_sampler = (tmp_path / "test" / "ddpm-2-seed0" / "metrics.csv").read_text()
     assert {r["step"] for r in csv.DictReader(other_sampler.splitlines())} == {"2"}
     assert (tested_dir / "metrics.csv").read_text() == four_steps  # each setting's rows apart
+    with monkeypatch.context() as patch:
+        patch.setattr(DomainEval, "on_test_start", Mock(side_effect=RuntimeError("out of memory")))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            cli_main(["test", *fit_args(tiny_shards, tmp_path, *evaluation)[1:]])
+    assert (tested_dir / "metrics.csv").read_text() == four_steps  # cut off: the earlier rows stay
 
     pretrained = tmp_path / "pretrained"  # no checkpoint: the init_from weights, before any tuning
     cli = cli_main(

@@ -41,8 +41,8 @@ def add_to_digest(digest: hashlib._Hash, batch: dict[str, Any]) -> None:
     """Hash a batch's keys and pixels, image by image (so the digest does not depend on how the images
     are batched): a baseline is compared only with the very images it measured, and shards rebuilt from
     other images may reuse the names."""
-    lr, hr = (batch[k].detach().cpu().contiguous().numpy() for k in ("lr", "hr"))
-    for key, lr_image, hr_image in zip(batch["key"], lr, hr):
+    images = [batch[k].detach().cpu().contiguous().numpy() for k in ("lr", "lr_up", "hr")]
+    for i, key in enumerate(batch["key"]):
         digest.update(f"{key}\n".encode())
-        digest.update(lr_image.tobytes())
-        digest.update(hr_image.tobytes())
+        for member in images:
+            digest.update(member[i].tobytes())
