@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -24,6 +23,7 @@ from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoi
 from sr3_lightning.data.datamodule import SR3DataModule
 from sr3_lightning.module import SR3Module, restoring_from_checkpoint
 from sr3_lightning.resume import check_resume_settings, read_checkpoint_head
+from sr3_lightning.run_dirs import evaluation_dir, prepare_run_dir, run_dir_of
 from sr3_lightning.tracking import (
     Tracking,
     count_metrics_rows,
@@ -248,46 +248,11 @@ def check_test_inputs(callbacks: list, val_names: list[str], limit_batches: Any)
         raise ValueError("trainer.limit_test_batches=0 skips the test loop and its evaluation: remove it")
 
 
-def evaluation_dir(run_dir: Path, subcommand: str | None, callbacks: list, objective: str) -> Path:
-    """Where a subcommand logs: ``fit`` into the run directory, ``validate`` into RUN/validate, ``test``
-    into RUN/test/<sampler settings> (e.g. RUN/test/ddim-50-eta0.0-seed0), one metrics.csv and W&B run per
-    setting, so rows measured with other samplers at the same step are never mixed."""
-    if subcommand in (None, "fit"):
-        return run_dir
-    if subcommand == "test":
-        tags = [c.settings_tag(objective) for c in callbacks if isinstance(c, DomainEval)]
-        return run_dir / "test" / "+".join(tags)
-    return run_dir / subcommand
-
-
-def run_dir_of(trainer_cfg: Any) -> Path:
-    """The run directory a trainer config names (``trainer.default_root_dir``)."""
-    return Path(trainer_cfg.get("default_root_dir") or "runs/default")
-
-
 def with_step_progress_bar(callbacks: list) -> list:
     """The configured callbacks, plus `StepProgressBar` unless the config brings its own bar."""
     if any(isinstance(c, ProgressBar) for c in callbacks):
         return callbacks
     return [*callbacks, StepProgressBar()]
-
-
-def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
-    """Fail early on a run directory that cannot be written; with ``fresh``, move an old run aside."""
-    if fresh and run_dir.exists() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        run_dir.rename(aside)
-        log.warning("--fresh: moved the previous run %s to %s", run_dir, aside)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(
-            f"run directory {run_dir} is not writable ({err.strerror or err}); choose another "
-            "--trainer.default_root_dir"
-        ) from None
 
 
 def _commands() -> dict[str, Callable[[list[str]], None]]:

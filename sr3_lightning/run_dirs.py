@@ -1,0 +1,47 @@
+"""Run directories: where ``fit``, ``validate`` and ``test`` write, checked before anything starts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sr3_lightning.callbacks.domain_eval import DomainEval
+
+log = logging.getLogger(__name__)
+
+
+def evaluation_dir(run_dir: Path, subcommand: str | None, callbacks: list, objective: str) -> Path:
+    """Where a subcommand logs: ``fit`` into the run directory, ``validate`` into RUN/validate, ``test``
+    into RUN/test/<sampler settings> (e.g. RUN/test/ddim-50-eta0.0-seed0), one metrics.csv and W&B run per
+    setting, so rows measured with other samplers at the same step are never mixed."""
+    if subcommand in (None, "fit"):
+        return run_dir
+    if subcommand == "test":
+        tags = [c.settings_tag(objective) for c in callbacks if isinstance(c, DomainEval)]
+        return run_dir / "test" / "+".join(tags)
+    return run_dir / subcommand
+
+
+def run_dir_of(trainer_cfg: Any) -> Path:
+    """The run directory a trainer config names (``trainer.default_root_dir``)."""
+    return Path(trainer_cfg.get("default_root_dir") or "runs/default")
+
+
+def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
+    """Fail early on a run directory that cannot be written; with ``fresh``, move an old run aside."""
+    if fresh and run_dir.exists() and any(run_dir.iterdir()):
+        aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(aside)
+        log.warning("--fresh: moved the previous run %s to %s", run_dir, aside)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"run directory {run_dir} is not writable ({err.strerror or err}); choose another "
+            "--trainer.default_root_dir"
+        ) from None
