@@ -10,12 +10,14 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def fit(shards: Path, run_dir: Path, steps: int, devices: int, batch: int) -> subprocess.CompletedProcess:
+def fit(
+    shards: Path, run_dir: Path, steps: int, devices: int, batch: int, *extra: str, command: str = "fit"
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
         "sr3_lightning",
-        "fit",
+        command,
         "--config",
         "configs/tiny_cpu.yaml",
         f"--data.train.shards={shards}",
@@ -28,6 +30,7 @@ def fit(shards: Path, run_dir: Path, steps: int, devices: int, batch: int) -> su
         f"--data.batch_size={batch}",
         "--model.optimizer=torch.optim.Adam",
         "--model.optimizer.lr=1e-3",
+        *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,3 +69,17 @@ def test_two_process_ddp_fit_resumes_exactly_and_matches_single_process(tiny_sha
         return [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]][-1]
 
     assert abs(val_loss("ddp") - val_loss("single")) / val_loss("single") < 0.05
+
+    # `test` under DDP: rank 0 measures every val image with its own noise, as one process does
+    evaluation = [
+        "--trainer.callbacks+=sr3_lightning.callbacks.DomainEval",
+        "--trainer.callbacks.lpips=false",
+        "--trainer.callbacks.steps=4",
+    ]
+    psnr = {}
+    for devices in (2, 1):
+        fit(tiny_shards, tmp_path / "ddp", 4, devices, 2, *evaluation, command="test")
+        rows = (tmp_path / "ddp" / "test" / "ddpm-4-seed0" / "metrics.csv").read_text().splitlines()
+        col = rows[0].split(",").index("val/anime/psnr")
+        psnr[devices] = [float(r.split(",")[col]) for r in rows[1:] if r.split(",")[col]]
+    assert len(psnr[1]) == 1 and psnr[2] == [pytest.approx(psnr[1][0], abs=1e-4)]  # replaced, equal
