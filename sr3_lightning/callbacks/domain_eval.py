@@ -241,8 +241,9 @@ class DomainEval(Callback):
             )
             if self.original_domains and not any(k.startswith("forget/") for k in metrics):
                 print(
-                    f"No forget/* rows: the checkpoint holds no baseline measured with {tag} "
-                    "on these val images; use the DomainEval settings and data.val of its training run"
+                    "No forget/* rows: the checkpoint holds no baseline measured with the DomainEval "
+                    f"settings {self.settings_tag()} on these val images (a regression run's baseline is "
+                    "kept under them too); use the DomainEval settings and data.val of its training run"
                 )
 
     # ------------------------------------------------------------------------------------------- evaluation
