@@ -166,6 +166,22 @@ def test_resume_continues_the_same_stream(tmp_path: Path, tiny_shards: Path) -> 
     assert _fit(tmp_path / "b", tiny_shards, max_steps=6, ckpt_path=last) == uninterrupted[3:]
 
 
+def test_a_resume_says_when_the_stream_order_changed(tiny_shards: Path, caplog: Any) -> None:
+    """Only settings that change the order count: any buffer of at least the subset's size (None, the
+    default, or the 10,000 of checkpoints from before it was saved) is the same full permutation."""
+    state = _setup(tiny_shards).state_dict()
+    assert state["shuffle_buffer"] is None  # the default: a uniform permutation per pass, as the reference
+    old = {k: v for k, v in state.items() if k != "shuffle_buffer"}
+    for saved, warns in ((state, False), (old, False), ({**state, "shuffle_buffer": 10_000}, False),
+                         ({**state, "shuffle_buffer": 5}, True), ({**state, "seed": 1}, True)):  # fmt: skip
+        dm = _setup(tiny_shards)
+        dm.load_state_dict(saved)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            dm.train_loader()
+        assert ("shuffle_buffer differ from the checkpoint's" in caplog.text) == warns, saved
+
+
 def test_config_builds_the_domains_from_yaml_like_dicts(tiny_shards: Path) -> None:
     parser = ArgumentParser()
     parser.add_class_arguments(SR3DataModule, "data")
@@ -354,3 +370,5 @@ def test_pass_order_is_a_seeded_permutation_per_pass() -> None:
     assert all(sorted(order) == list(range(13)) for order in orders) and list(orders[0]) != list(orders[1])
     assert np.array_equal(pass_order(groups, 0, 0, 100)[0], orders[0])  # a function of (seed, pass) only
     assert list(pass_order(groups, 0, 0, shuffle_buffer=0)[0]) == list(range(13))  # 0: index order
+    full = [pass_order(groups, 0, 0, size)[0].tolist() for size in (None, 13, 10_000)]
+    assert full[0] == full[1] == full[2] == orders[0].tolist()  # None: the whole pass, as any buffer >= N

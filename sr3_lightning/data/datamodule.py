@@ -116,7 +116,7 @@ class SR3DataModule(pl.LightningDataModule):
         val: list[ValDomain] | None = None,
         batch_size: int = 4,
         num_workers: int = 2,
-        shuffle_buffer: int = 10_000,
+        shuffle_buffer: int | None = None,
         hflip: bool = True,
         lr_size: int = 16,
         hr_size: int = 128,
@@ -130,7 +130,9 @@ class SR3DataModule(pl.LightningDataModule):
             val: validation domains, e.g. ``[{domain: ffhq, shards: DIR, num_images: 8}]``; one loader each.
             batch_size: samples per batch (the reference 16->128 config's 4); every train batch is full.
             num_workers: train loader processes (validation reads its few images in the main process).
-            shuffle_buffer: samples mixed at once within a pass (>= the subset size: a full permutation).
+            shuffle_buffer: samples mixed at once within a pass; None (default): all of them, a uniform
+                permutation as the reference's shuffling DataLoader; a bound keeps the reads of a pass
+                within a few shards at a time (slow network storage); 0 or 1: index order.
             hflip: random horizontal flip of train samples (the same for hr, lr, lr_up), as the reference.
             lr_size: LR side in px; must equal the shards' (linked from the model config by the CLI).
             hr_size: HR side in px; must equal the shards'.
@@ -138,7 +140,7 @@ class SR3DataModule(pl.LightningDataModule):
             seed: seed of the pass orders and flips (the subset has its own ``subset_seed``).
         """
         super().__init__()
-        if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
+        if batch_size < 1 or num_workers < 0 or (shuffle_buffer or 0) < 0:
             raise ValueError(
                 f"batch_size {batch_size}, num_workers {num_workers}, shuffle_buffer {shuffle_buffer}: "
                 "batch_size must be >= 1, the others >= 0"
@@ -226,10 +228,10 @@ class SR3DataModule(pl.LightningDataModule):
             self.setup("fit")
         assert self._train_table is not None
         state = self._loaded_state
-        expected = (_fingerprint(self.train_keys), self.seed)
-        if state is not None and (state.get("train_fingerprint"), state.get("seed")) != expected:
+        if state is not None and self._stream_settings(state) != self._stream_settings(self.state_dict()):
             log.warning(
-                "train images or seed differ from the checkpoint's; going on at sample %d of the new stream",
+                "train images, seed or shuffle_buffer differ from the checkpoint's; going on at sample %d of "
+                "the new stream",
                 state["samples_seen"],
             )
         self._start, self._batches, self._world, self._loaded_state = self.samples_seen, 0, world_size, None
@@ -290,7 +292,16 @@ class SR3DataModule(pl.LightningDataModule):
             "position": self.samples_seen % n,
             "train_fingerprint": _fingerprint(self.train_keys),
             "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
         }
+
+    def _stream_settings(self, state: dict[str, Any]) -> tuple[Any, ...]:
+        """What decides a stream's order: the images, the seed and the buffer as far as it bounds a pass
+        (any buffer of at least the subset size is the same full permutation; checkpoints from before the
+        buffer was saved used 10,000)."""
+        n = len(self.train_keys)
+        buffer = state.get("shuffle_buffer", 10_000)
+        return state.get("train_fingerprint"), state.get("seed"), min(n if buffer is None else buffer, n)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the stream where the checkpoint left it (from the next ``train_dataloader`` on)."""

@@ -22,17 +22,18 @@ from sr3_lightning.data.shards import IMAGE_MEMBERS, SampleReader, SampleTable, 
 
 
 def pass_order(
-    groups: np.ndarray, seed: int, pass_index: int, shuffle_buffer: int
+    groups: np.ndarray, seed: int, pass_index: int, shuffle_buffer: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The order of pass ``pass_index`` over N samples and a horizontal-flip flag per position.
 
     groups: [N] shard of each sample. Shards are visited in a seeded order, then a webdataset-style buffer
-    of ``shuffle_buffer`` samples mixes them; a buffer >= N gives a uniform permutation, 0 or 1 keeps
-    index order. A bounded buffer keeps the reads of a large dataset within a few shards at a time.
+    of ``shuffle_buffer`` samples mixes them; None or a buffer >= N gives a uniform permutation, 0 or 1
+    keeps index order. A bounded buffer keeps the reads of a large dataset within a few shards at a time.
     """
     n = len(groups)
     rng = np.random.default_rng([seed, pass_index])
     flips = rng.random(n) < 0.5
+    shuffle_buffer = n if shuffle_buffer is None else shuffle_buffer
     if shuffle_buffer <= 1:
         return np.arange(n), flips
     sequence = np.argsort(rng.permutation(int(groups.max()) + 1)[groups], kind="stable")
@@ -73,7 +74,7 @@ class TrainStream(IterableDataset):
         batch_size: int,
         *,
         seed: int = 0,
-        shuffle_buffer: int = 10_000,
+        shuffle_buffer: int | None = None,
         hflip: bool = True,
         rank: int = 0,
         world_size: int = 1,
