@@ -178,7 +178,7 @@ class SR3CLI(LightningCLI):
             if log_dir != run_dir:  # keep the training run's config and metrics intact
                 name = "-".join((run_dir.name, *log_dir.relative_to(run_dir).parts))
                 tracking = replace(tracking, name=tracking.name or name)
-            self.evaluation_log = log_dir / "metrics.csv" if log_dir != run_dir else None
+                self.evaluation_log = log_dir / "metrics.csv"
             kwargs["logger"] = make_loggers(tracking, log_dir, job_type=JOB_TYPES[self.subcommand or "fit"])
         if not trainer_cfg.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
