@@ -74,13 +74,24 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     assert not torch.equal(c, d)
 
 
-def test_ddim_with_eta1_on_the_full_schedule_has_the_ddpm_variance():
-    """With eta=1 on an unrespaced schedule, DDIM's sigma^2 is the DDPM posterior variance."""
+def test_ddim_with_eta1_on_the_full_schedule_is_ancestral_ddpm():
+    """With eta=1 on an unrespaced schedule, DDIM's step is the DDPM posterior step: same mean and sigma^2
+    equal to the posterior variance, so both samplers fed the same noise reach the same images."""
+    io = tiny_io()
+    denoise = conditional_denoiser(tiny_unet(), io["pmv_cond"])
     sched = tiny_schedule()
-    g = sched.alphas_cumprod_f64
-    g_prev = torch.cat([torch.ones(1, dtype=g.dtype), g[:-1]])
-    sigma2 = (1 - g_prev) / (1 - g) * (1 - g / g_prev)
-    torch.testing.assert_close(sigma2.float(), sched.posterior_variance, rtol=1e-6, atol=0)
+    noises = torch.randn(
+        sched.num_timesteps + 1, *io["pmv_cond"].shape, generator=torch.Generator().manual_seed(4)
+    )
+    replay = dict(noise_fn=lambda i, x: noises[i + 1], record=[sched.num_timesteps // 2, 0])
+    ddpm = sample_ddpm(denoise, noises[0], sched, **replay)
+    ddim = sample_ddim(denoise, noises[0], sched, eta=1.0, **replay)
+    assert ddpm.nfe == ddim.nfe == sched.num_timesteps
+    torch.testing.assert_close(
+        torch.stack(ddim.intermediates), torch.stack(ddpm.intermediates), atol=1e-4, rtol=0
+    )
+    eta0 = sample_ddim(denoise, noises[0], sched, eta=0.0, **replay)
+    assert (eta0.images - ddpm.images).abs().max() > 1e-2
 
 
 def test_start_from_image_injects_its_steps_noise_and_an_oracle_denoiser_recovers_the_image():
