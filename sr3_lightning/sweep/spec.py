@@ -185,11 +185,6 @@ def fit_parser() -> Any:
     raise RuntimeError("SR3CLI did not reach parse_arguments")
 
 
-def parse_fit(args: list[str]) -> Any:
-    """Parse ``fit ARGS`` like ``python -m sr3_lightning`` does; ValueError with the parser's message."""
-    return _parse(args).fit
-
-
 def _parse(args: list[str]) -> Any:
     """The whole parsed namespace of ``fit ARGS`` (subcommand included, as instantiation needs it)."""
     err = io.StringIO()
