@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from sr3_lightning.data.shards import pixels_to_tensor
 from sr3_lightning.metrics import to_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -66,9 +66,8 @@ def check_readable(files: Sequence[Path]) -> None:
 
 
 def to_tensor(img: Image.Image) -> Tensor:
-    """RGB PIL image -> float ``[3, H, W]`` in [-1, 1] (the reference's ToTensor, then x * 2 - 1)."""
-    arr = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
-    return arr.permute(2, 0, 1).float().div(255.0) * 2 - 1
+    """RGB PIL image -> float ``[3, H, W]`` in [-1, 1], converted as the training data is."""
+    return pixels_to_tensor(np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
 
 
 def from_tensor(x: Tensor) -> Image.Image:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sr3_lightning.data.degradations import prepare_triplet, resize_and_crop, to_rgb
-from sr3_lightning.data.shards import decode_png, to_tensor
+from sr3_lightning.data.shards import decode_png, pixels_to_tensor
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 
@@ -40,9 +40,9 @@ def test_tensors_equal_reference_transform_augment() -> None:
     for ours, name in ((hr, "val_hr"), (lr_up, "val_sr")):
         buffer = io.BytesIO()
         ours.save(buffer, format="PNG")
-        assert torch.equal(to_tensor(decode_png(buffer.getvalue(), 128)), expected[name]), name
+        assert torch.equal(pixels_to_tensor(decode_png(buffer.getvalue(), 128)), expected[name]), name
     levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16).repeat(3, axis=0)
-    assert torch.equal(to_tensor(levels), torch.from_numpy(levels).float().div(255) * 2 - 1)
+    assert torch.equal(pixels_to_tensor(levels), torch.from_numpy(levels).float().div(255) * 2 - 1)
 
 
 @pytest.mark.parametrize(("width", "offset"), [(41, 12), (19, 2), (22, 3)])

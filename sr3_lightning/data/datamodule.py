@@ -24,7 +24,7 @@ from sr3_lightning.data.shards import (
     ShardIndex,
     load_index,
     locate_samples,
-    to_tensor,
+    pixels_to_tensor,
 )
 from sr3_lightning.data.train_stream import TrainStream
 
@@ -86,7 +86,7 @@ class FixedSamples(Dataset):
         return len(self.table)
 
     def __getitem__(self, i: int) -> dict[str, Tensor | str]:
-        images = {m: to_tensor(pixels) for m, pixels in self.reader.read(i).items()}
+        images = {m: pixels_to_tensor(pixels) for m, pixels in self.reader.read(i).items()}
         return {**images, "key": self.table.keys[i], "domain": self.domain}
 
 

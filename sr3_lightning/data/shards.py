@@ -212,7 +212,7 @@ def scale_to_unit_range_(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def to_tensor(pixels: np.ndarray) -> Tensor:
+def pixels_to_tensor(pixels: np.ndarray) -> Tensor:
     """uint8 [..., 3, H, W] -> float32 tensor in [-1, 1] (see ``scale_to_unit_range_``)."""
     return torch.from_numpy(scale_to_unit_range_(pixels.astype(np.float32)))
 
@@ -376,7 +376,7 @@ class SampleReader:
         return {**self.__dict__, "_files": {}, "_cache": None if self._cache is None else {}}
 
     def read(self, i: int) -> dict[str, np.ndarray]:
-        """Sample ``i`` as {'hr', 'lr', 'lr_up'}: uint8 [3, S, S] pixels (``to_tensor`` makes the tensors)."""
+        """Sample ``i`` as {'hr', 'lr', 'lr_up'}: uint8 [3, S, S] pixels (see ``pixels_to_tensor``)."""
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         t = self.table
