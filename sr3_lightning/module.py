@@ -30,6 +30,7 @@ from sr3_lightning.diffusion import (
 from sr3_lightning.diffusion.losses import check_t_range
 from sr3_lightning.fast_paths import FastPaths, check_compile_mode, use_fused_adam, uses_cuda_graphs
 from sr3_lightning.init_weights import load_init_weights, take_over_optimizer_state
+from sr3_lightning.models.eval_mode import eval_mode
 from sr3_lightning.models.unet import UNet, UNetConfig, init_orthogonal
 from sr3_lightning.nonfinite import NonFiniteGuard
 
@@ -361,15 +362,13 @@ class SR3Module(LightningModule):
         respaced schedule) starts from the noised ``lr_up`` instead of pure noise (Diff-SR / SDEdit).
         The regression objective answers with one forward pass. ``generator`` may be one per image.
         """
-        unet = self.sampling_unet
-        was_training = unet.training
-        unet.eval()
-        try:
-            if self.hparams.objective == "regression":
+        if self.hparams.objective == "regression":
+            with eval_mode(self.sampling_unet) as unet:
                 return SampleResult(images=unet(*self._regression_input(lr_up)), nfe=1)
-            sched = self._schedule_on(lr_up.device)
-            if steps is not None and steps != sched.num_timesteps:
-                sched = respace(sched, steps)
+        sched = self._schedule_on(lr_up.device)
+        if steps is not None and steps != sched.num_timesteps:
+            sched = respace(sched, steps)
+        with eval_mode(self.sampling_unet) as unet:
             denoise = conditional_denoiser(unet, lr_up)
             common = dict(generator=generator, record=record, progress=progress)
             if t_start is not None:
@@ -378,5 +377,3 @@ class SR3Module(LightningModule):
             if sampler == "ddim":
                 return sample_ddim(denoise, x_t, sched, eta=eta, **common)
             return sample_ddpm(denoise, x_t, sched, **common)
-        finally:
-            unet.train(was_training)

@@ -30,6 +30,7 @@ from sr3_lightning.metrics import (
     ssim,
     to_uint8,
 )
+from sr3_lightning.models.eval_mode import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -267,15 +268,10 @@ class DomainEval(Callback):
     ) -> dict[str, float]:
         domains = val_domains(trainer)
         self.check_domains([name for name, _ in domains])
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with torch.no_grad():
-                evaluated = {
-                    name: self._evaluate_domain(trainer, pl_module, name, dl, step) for name, dl in domains
-                }
-        finally:
-            pl_module.train(was_training)
+        with eval_mode(pl_module), torch.no_grad():
+            evaluated = {
+                name: self._evaluate_domain(trainer, pl_module, name, dl, step) for name, dl in domains
+            }
         results = {name: means for name, (_, _, means) in evaluated.items()}
         if self.baseline is None and record:
             self.baseline, self.baseline_step = results, step

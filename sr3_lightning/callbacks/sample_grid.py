@@ -22,6 +22,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from sr3_lightning.metrics import to_uint8
+from sr3_lightning.models.eval_mode import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,9 @@ class SampleGrid(Callback):
         if not trainer.is_global_zero or step in self._done_steps:
             return
         self._done_steps.add(step)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             for domain, images in self._fixed_images(trainer).items():
                 self._draw_domain(trainer, pl_module, domain, images, step)
-        finally:
-            pl_module.train(was_training)
 
     def _draw_domain(
         self, trainer: Trainer, pl_module: LightningModule, domain: str, images: dict[str, Tensor], step: int

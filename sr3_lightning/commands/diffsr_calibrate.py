@@ -36,7 +36,7 @@ from sr3_lightning.diffsr.noise_level import (
     find_prf,
     signature_loss,
 )
-from sr3_lightning.diffsr.upscale import SAMPLERS, check_scale, diffsr
+from sr3_lightning.diffsr.upscale import SAMPLERS, check_scale, diffsr, is_conditional
 from sr3_lightning.images import to_tensor
 from sr3_lightning.metrics import (
     LpipsWeightsMissing,
@@ -288,7 +288,7 @@ def main(argv: list[str]) -> None:
         "checkpoint": str(args.ckpt),
         "image_size": size,
         "num_timesteps": model.schedule.num_timesteps,
-        "conditional": model.sampling_unet.config.in_channel == 6,
+        "conditional": is_conditional(model),
         "sampler": args.sampler,
         "steps": args.steps,
         "eta": args.eta,

@@ -22,7 +22,15 @@ from sr3_lightning.commands import command_parser
 from sr3_lightning.commands.sample import check_steps, load_model
 from sr3_lightning.data.degradations import to_rgb
 from sr3_lightning.diffsr.noise_level import choose_level, load_prf_table, parse_noise_level
-from sr3_lightning.diffsr.upscale import SAMPLERS, bicubic_to, check_scale, diffsr, parse_size, target_size
+from sr3_lightning.diffsr.upscale import (
+    SAMPLERS,
+    bicubic_to,
+    check_scale,
+    diffsr,
+    is_conditional,
+    parse_size,
+    target_size,
+)
 from sr3_lightning.diffusion.sampling import image_generator
 from sr3_lightning.images import (
     check_out_folder,
@@ -138,7 +146,7 @@ def main(argv: list[str]) -> None:
     if table is not None:
         warn_if_table_differs(table, args.prf, model, args.sampler, args.steps, args.eta)
     check_steps(args.steps, model)
-    conditional = model.sampling_unet.config.in_channel == 6
+    conditional = is_conditional(model)
     mode = "SR3, conditioned on the bicubic upsample" if conditional else "unconditional"
     outputs = {path: args.out / f"{path.stem}_diffsr.png" for path in files}
     kept = earlier_records(args.out, {out.name for out in outputs.values()})

@@ -20,6 +20,7 @@ from torch import Tensor
 from sr3_lightning.diffsr.noise_level import level_to_step, step_to_level
 from sr3_lightning.diffsr.tiling import TileGrid, pad_to_tile, tiled_denoiser
 from sr3_lightning.diffusion import respace, sample_from_image
+from sr3_lightning.models.eval_mode import eval_mode
 from sr3_lightning.module import SR3Module
 
 SAMPLERS = ("ddpm", "ddim")
@@ -103,6 +104,7 @@ def check_model(module: SR3Module) -> None:
 
 
 def is_conditional(module: SR3Module) -> bool:
+    """An SR3 checkpoint sees the bicubic upsample beside x_t; an unconditional one sees x_t alone."""
     return module.sampling_unet.config.in_channel == 6
 
 
@@ -143,10 +145,7 @@ def diffsr(
     tiling = grid.describe() + (
         f" (padded to {padded.shape[-1]}x{padded.shape[-2]})" if padded is not up else ""
     )
-    unet = module.sampling_unet
-    was_training = unet.training
-    unet.eval()
-    try:
+    with eval_mode(module.sampling_unet) as unet:
         denoise = tiled_denoiser(unet, padded if is_conditional(module) else None, grid, max_batch)
         result = sample_from_image(
             denoise,
@@ -158,8 +157,6 @@ def diffsr(
             generator=generator,
             progress=progress,
         )
-    finally:
-        unet.train(was_training)
     return DiffSRResult(
         result.images[..., :height, :width],
         t_start,
