@@ -27,7 +27,7 @@ from sr3_lightning.diffusion import (
     sample_from_image,
     sample_noise_level,
 )
-from sr3_lightning.diffusion.losses import check_t_range
+from sr3_lightning.diffusion.losses import check_t_range, regression_loss, regression_predict
 from sr3_lightning.fast_paths import FastPaths, check_compile_mode, use_fused_adam, uses_cuda_graphs
 from sr3_lightning.init_weights import load_init_weights, take_over_optimizer_state
 from sr3_lightning.models.eval_mode import eval_mode
@@ -37,8 +37,6 @@ from sr3_lightning.nonfinite import NonFiniteGuard
 log = logging.getLogger(__name__)
 
 Sampler = Literal["ddpm", "ddim"]
-# The regression baseline feeds the UNet's noisy-image channels and noise level these fixed values.
-REGRESSION_NOISE_LEVEL = 1.0
 
 
 def step_seed(seed: int, step: int, rank: int, micro_batch: int = 0) -> int:
@@ -201,9 +199,7 @@ class SR3Module(LightningModule):
         """Per-sample loss ``[B]`` of the configured objective on a batch dict (``hr``, ``lr_up``)."""
         hr, cond = batch["hr"], batch["lr_up"]
         if self.hparams.objective == "regression":
-            pred = self.unet(*self._regression_input(cond))
-            err = (pred - hr).abs() if self.hparams.loss == "l1" else (pred - hr).square()
-            return err.flatten(1).mean(dim=1)
+            return regression_loss(self.unet, hr, cond, self.hparams.loss)
         sched = self._schedule_on(hr.device)
         _, sqrt_gamma = sample_noise_level(
             sched, hr.shape[0], self.hparams.t_min, self.t_max, self.hparams.t_sampling == "sample", generator
@@ -335,10 +331,6 @@ class SR3Module(LightningModule):
             self.schedule = self.schedule.to(device)
         return self.schedule
 
-    def _regression_input(self, cond: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.cat([cond, torch.zeros_like(cond)], dim=1)
-        return x, torch.full((cond.shape[0],), REGRESSION_NOISE_LEVEL, device=cond.device, dtype=cond.dtype)
-
     @property
     def sampling_unet(self) -> UNet:
         """The EMA weights when kept, else the trained ones."""
@@ -364,7 +356,7 @@ class SR3Module(LightningModule):
         """
         if self.hparams.objective == "regression":
             with eval_mode(self.sampling_unet) as unet:
-                return SampleResult(images=unet(*self._regression_input(lr_up)), nfe=1)
+                return SampleResult(images=regression_predict(unet, lr_up), nfe=1)
         sched = self._schedule_on(lr_up.device)
         if steps is not None and steps != sched.num_timesteps:
             sched = respace(sched, steps)

@@ -1,4 +1,5 @@
-"""The SR3 training objective: continuous noise levels, q_sample and the L1/L2 noise-prediction loss."""
+"""The training objectives: SR3's continuous noise levels, q_sample and L1/L2 noise-prediction loss, and
+the one-step regression baseline that trains the same UNet to map the upsample straight to HR."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from sr3_lightning.diffusion.schedule import Schedule
 
 LossKind = Literal["l1", "l2"]
 TSampling = Literal["batch", "sample"]
+# The regression baseline feeds the UNet's noisy-image channels zeros and its noise level this value.
+REGRESSION_NOISE_LEVEL = 1.0
 
 
 def check_t_range(t_min: int, t_max: int, num_timesteps: int) -> None:
@@ -75,10 +78,28 @@ def denoising_loss(
     ``.mean()`` of the result is the reference's ``sum / (b * c * h * w)``; one value per sample makes
     per-t logging possible. ``unet(cat[cond, x_t], sqrt_gamma)`` predicts eps.
     """
+    x_t = q_sample(x0, sqrt_gamma, noise)
+    return per_sample_error(noise, unet(torch.cat([cond, x_t], dim=1), sqrt_gamma), kind)
+
+
+def regression_predict(unet: Callable[[Tensor, Tensor], Tensor], cond: Tensor) -> Tensor:
+    """The regression baseline's HR estimate in one pass: the same UNet, its x_t channels zero and its
+    noise level fixed, so a diffusion and a regression model differ only in what they were trained on."""
+    x = torch.cat([cond, torch.zeros_like(cond)], dim=1)
+    return unet(x, torch.full((cond.shape[0],), REGRESSION_NOISE_LEVEL, device=cond.device, dtype=cond.dtype))
+
+
+def regression_loss(
+    unet: Callable[[Tensor, Tensor], Tensor], x0: Tensor, cond: Tensor, kind: LossKind = "l1"
+) -> Tensor:
+    """Per-sample L1/L2 error ``[B]`` of the regression baseline's estimate against the HR image."""
+    return per_sample_error(x0, regression_predict(unet, cond), kind)
+
+
+def per_sample_error(target: Tensor, pred: Tensor, kind: LossKind) -> Tensor:
+    """Mean over C, H, W of |target - pred| (``l1``) or its square (``l2``): one value per sample."""
     if kind not in ("l1", "l2"):
         raise ValueError(f"loss kind {kind!r}: choose 'l1' or 'l2'")
-    x_t = q_sample(x0, sqrt_gamma, noise)
-    eps_hat = unet(torch.cat([cond, x_t], dim=1), sqrt_gamma)
-    diff = noise - eps_hat
+    diff = target - pred
     err = diff.abs() if kind == "l1" else diff.square()
     return err.flatten(1).mean(dim=1)
