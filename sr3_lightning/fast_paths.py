@@ -25,6 +25,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +37,8 @@ from sr3_lightning.models.unet import SelfAttention
 # than the for-loop Adam; channels_last makes forward + backward ~25% slower (oneDNN); torch.compile gained
 # nothing on the demo model and costs minutes of C++ compilation per run. On CUDA every fast path is on.
 CPU_DEFAULTS = {"channels_last": False, "compile": False, "fused_adam": True}
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 def check_compile_mode(mode: str) -> str:

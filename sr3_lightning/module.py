@@ -28,7 +28,14 @@ from sr3_lightning.diffusion import (
     sample_noise_level,
 )
 from sr3_lightning.diffusion.losses import check_t_range, regression_loss, regression_predict
-from sr3_lightning.fast_paths import FastPaths, check_compile_mode, use_fused_adam, uses_cuda_graphs
+from sr3_lightning.diffusion.schedule import BetaSchedule
+from sr3_lightning.fast_paths import (
+    CompileMode,
+    FastPaths,
+    check_compile_mode,
+    use_fused_adam,
+    uses_cuda_graphs,
+)
 from sr3_lightning.init_weights import load_init_weights, take_over_optimizer_state
 from sr3_lightning.models.eval_mode import eval_mode
 from sr3_lightning.models.unet import UNet, UNetConfig, init_orthogonal
@@ -65,7 +72,7 @@ class SR3Module(LightningModule):
     def __init__(
         self,
         unet: UNetConfig = UNetConfig(),
-        beta_schedule: str = "linear",
+        beta_schedule: BetaSchedule = "linear",
         num_timesteps: int = 2000,
         beta_start: float = 1e-6,
         beta_end: float = 1e-2,
@@ -82,7 +89,7 @@ class SR3Module(LightningModule):
         nonfinite_patience: int = 10,
         channels_last: bool | None = None,
         compile: bool | None = None,
-        compile_mode: str = "default",
+        compile_mode: CompileMode = "default",
         fused_attention: bool = True,
         fused_adam: bool | None = None,
         progress_bar_loss: bool = False,

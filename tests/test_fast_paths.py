@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -258,7 +259,7 @@ def test_every_fast_path_switches_from_the_config(tiny_shards, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.unet.parameters())
 
 
-def test_compile_mode_reaches_torch_compile_and_is_checked(tiny_shards, tmp_path, monkeypatch):
+def test_compile_mode_reaches_torch_compile_and_is_checked(tiny_shards, tmp_path, monkeypatch, capsys):
     """``model.compile_mode`` is what torch.compile gets; a bad mode and CUDA graphs with gradient
     accumulation are refused with the knob named before any training."""
     modes = []
@@ -266,8 +267,12 @@ def test_compile_mode_reaches_torch_compile_and_is_checked(tiny_shards, tmp_path
     args = ("--model.compile=true", "--model.compile_mode=max-autotune-no-cudagraphs")
     cli_main(tiny_fit_args(tiny_shards, tmp_path / "ok", 1, *args))
     assert modes == ["max-autotune-no-cudagraphs"]
-    with pytest.raises(ValueError, match="model.compile_mode='fastest': use one of default, reduce-overhead"):
+    with pytest.raises(SystemExit):
         cli_main(tiny_fit_args(tiny_shards, tmp_path / "bad", 1, "--model.compile_mode=fastest"))
+    err = capsys.readouterr().err
+    assert re.search(r"\"model.compile_mode\".*\n.*Literal\['default', 'reduce-overhead'.*: fastest", err)
+    with pytest.raises(ValueError, match="model.compile_mode='fastest': use one of default, reduce-overhead"):
+        SR3Module(compile_mode="fastest")
     graphs = (
         "--model.compile=true",
         "--model.compile_mode=reduce-overhead",

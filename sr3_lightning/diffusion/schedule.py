@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
-BETA_SCHEDULES = ("linear", "quad", "cosine", "warmup10", "warmup50", "const", "jsd", "sigmoid")
+BetaSchedule = Literal["linear", "quad", "cosine", "warmup10", "warmup50", "const", "jsd", "sigmoid"]
+BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
 
 # The reference's buffer names, in the order its checkpoints store them.
 BUFFER_NAMES = (
