@@ -25,10 +25,9 @@ from PIL import Image
 
 from sr3_lightning.commands.diffsr_calibrate import degrade, load_hr_images, make_lpips, parse_scales
 from sr3_lightning.commands.sample import load_model
-from sr3_lightning.data.degradations import to_rgb
 from sr3_lightning.diffsr import TileGrid, bicubic_to, choose_level, diffsr, fidelity_loss, load_prf_table
 from sr3_lightning.diffsr.tiling import seam_profile
-from sr3_lightning.images import from_tensor, list_images, save_sheet, to_tensor
+from sr3_lightning.images import from_tensor, list_images, open_rgb, save_sheet, to_tensor
 from sr3_lightning.metrics import consistency, lpips_distance, psnr, ssim, to_uint8
 
 log = logging.getLogger("diffsr_eval")
@@ -141,7 +140,7 @@ def tiled(args) -> tuple[str, list[list[Image.Image]]]:
                     "needs images larger than the model on both sides"
                 )
     for path in files:
-        hr_img = to_rgb(Image.open(path))
+        hr_img = open_rgb(path)
         w, h = hr_img.size
         lr_img = hr_img.resize((round(w / args.tiled_scale), round(h / args.tiled_scale)), Image.BICUBIC)
         up, hr = to_tensor(bicubic_to(lr_img, (w, h)))[None], to_tensor(hr_img)[None]

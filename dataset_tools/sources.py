@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from sr3_lightning.data.degradations import prepare_triplet, resize_and_crop, to_rgb
+from sr3_lightning.images import EXIF_ORIENTATION
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -58,9 +59,6 @@ def _decode(data: bytes | Path) -> Image.Image:
     img = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
     img.load()
     return img
-
-
-EXIF_ORIENTATION = 0x0112
 
 
 def _prepare(img: Image.Image, lr_size: int, hr_size: int) -> Triplet:

@@ -6,15 +6,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor
 
+from sr3_lightning.data.degradations import to_rgb
 from sr3_lightning.data.shards import pixels_to_tensor
 from sr3_lightning.metrics import to_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 # What PIL raises for a file that is not a readable image (SyntaxError: some broken PNG / JPEG headers).
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+EXIF_ORIENTATION = 0x0112
 
 
 def list_images(path: Path) -> list[Path]:
@@ -48,20 +50,32 @@ def check_output_names(files: Sequence[Path], suffix: str) -> None:
         seen[name] = f
 
 
+def open_rgb(path: Path) -> Image.Image:
+    """An input image as 8-bit RGB, turned upright as its EXIF orientation asks (as viewers show it), so
+    a phone photo's result is not sideways. Training shards keep the stored pixels, as the reference does."""
+    with Image.open(path) as img:
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+def shown_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as ``open_rgb`` returns the image, read from the header without decoding it."""
+    width, height = img.size
+    return (height, width) if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
+
+
 def check_readable(files: Sequence[Path]) -> None:
     """Decode every input before any long work, so a corrupt file fails in seconds, not after hours."""
     bad = []
     for f in files:
         try:
-            with Image.open(f) as img:
-                img.load()
+            open_rgb(f)
         except IMAGE_ERRORS as err:
             bad.append(f"{f} ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else '-'})")
     if bad:
         shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ValueError(
-            f"{len(bad)} input image(s) could not be read: {shown}. Each is corrupt, truncated or not an "
-            "image despite its name; replace or remove it and run again."
+            f"{len(bad)} input image(s) could not be read: {shown}. Each is corrupt, truncated, not an "
+            "image despite its name, or in a pixel format named above; replace or remove it and run again."
         )
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -65,9 +66,32 @@ def test_inputs_whose_outputs_collide_are_refused_before_sampling(tiny_ckpt, tmp
 def test_a_corrupt_input_image_is_named_before_the_model_runs(tiny_ckpt, tmp_path, capsys, command):
     inputs = colour_images(tmp_path / "in", "a.png", "c.png")
     (inputs / "b.png").write_bytes(os.urandom(300))
+    Image.fromarray(np.full((8, 8), -3.0, np.float32)).save(inputs / "d.tif")  # no range to map to 8 bits
     err = expect_error(capsys, command, tiny_ckpt, inputs, tmp_path / "out")
-    assert f"1 input image(s) could not be read: {inputs / 'b.png'}" in err
+    assert f"2 input image(s) could not be read: {inputs / 'b.png'}" in err
+    assert f"{inputs / 'd.tif'} (ValueError: a 32-bit float image with values -3..-3" in err
     assert "replace or remove it" in err and str(inputs / "a.png") not in err
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_photo_is_super_resolved_upright_as_its_exif_asks(tiny_ckpt, tmp_path, caplog, command):
+    """A phone photo stored landscape with 'rotate 90' in its EXIF comes out portrait, as viewers show it."""
+    stored = np.zeros((10, 14, 3), np.uint8)
+    stored[:, :7] = 255  # left half white as stored: the top half once turned upright (orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "in").mkdir()
+    Image.fromarray(stored).save(tmp_path / "in" / "photo.png", exif=exif)
+    if command == "sample":  # its pixels are a random model's; what it crops is the upright photo's
+        with caplog.at_level(logging.WARNING):
+            run_command(command, tiny_ckpt, tmp_path / "in", tmp_path / "out")
+        assert "not square; only their centre square is super-resolved: photo.png (10x14)" in caplog.text
+        return
+    run_command(command, tiny_ckpt, tmp_path / "in", tmp_path / "out", "--noise-level", "0")  # bicubic
+    with Image.open(tmp_path / "out" / "photo_diffsr.png") as out:
+        result = np.asarray(out.convert("L"), dtype=np.float64)
+    assert result.shape == (28, 20)  # height x width: the upright 10x14 photo, doubled
+    assert result[:12].mean() > 250 and result[16:].mean() < 5
 
 
 @pytest.mark.parametrize("damage", ["random bytes", "truncated"])

@@ -86,6 +86,20 @@ def test_to_rgb_converts_every_mode() -> None:
     assert np.array_equal(_pixels(to_rgb(images["RGBA"]))[..., 0], gray)
 
 
+def test_to_rgb_maps_32_bit_images_by_the_range_their_values_use() -> None:
+    """TIFFs in mode I / F carry no nominal range: 0..1 floats, 8-bit and 16-bit levels all keep their
+    picture (not a black one); values that fit none are refused."""
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    for values in (gray / 255, gray.astype(np.float64)):
+        assert np.array_equal(_pixels(to_rgb(Image.fromarray(values.astype(np.float32))))[..., 0], gray)
+    for values in (gray.astype(np.int32), gray.astype(np.int32) * 256 + 255):
+        img = Image.fromarray(values)
+        assert img.mode == "I" and np.array_equal(_pixels(to_rgb(img))[..., 0], gray)
+    for bad in (np.full((8, 8), -1.0), np.full((8, 8), 7e4), np.full((8, 8), np.nan)):
+        with pytest.raises(ValueError, match="32-bit float image with values .* save it as an 8- or 16-bit"):
+            to_rgb(Image.fromarray(bad.astype(np.float32)))
+
+
 def test_prepare_triplet_rejects_lr_not_smaller_than_hr() -> None:
     with pytest.raises(ValueError, match="lr_size 32 >= hr_size 32"):
         prepare_triplet(Image.new("RGB", (40, 40)), 32, 32)

@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sr3_lightning.commands import command_parser
-from sr3_lightning.data.degradations import resize_and_crop, to_rgb
+from sr3_lightning.data.degradations import resize_and_crop
 from sr3_lightning.diffusion.sampling import image_generator
 from sr3_lightning.images import (
     check_out_folder,
@@ -21,7 +21,9 @@ from sr3_lightning.images import (
     check_readable,
     from_tensor,
     list_images,
+    open_rgb,
     save_sheet,
+    shown_size,
     to_tensor,
 )
 from sr3_lightning.module import SR3Module
@@ -106,9 +108,8 @@ def check_args(args: Namespace) -> None:
     check_out_folder(args.out)
 
 
-def prepare_input(img: Image.Image, hr_size: int, lr_size: int | None) -> tuple[Image.Image, Image.Image]:
-    """(LR, bicubic upsample to the model's size), made as the reference prepares its data."""
-    lr = to_rgb(img)
+def prepare_input(lr: Image.Image, hr_size: int, lr_size: int | None) -> tuple[Image.Image, Image.Image]:
+    """(LR, bicubic upsample to the model's size) from an RGB input, made as the reference prepares data."""
     if lr_size is not None:
         lr = resize_and_crop(lr, lr_size)
     return lr, resize_and_crop(lr, hr_size)
@@ -119,11 +120,12 @@ def warn_about_shapes(files: list[Path], hr_size: int, lr_size: int | None) -> N
     larger, cropped = [], []
     for path in files:
         with Image.open(path) as img:
-            name = f"{path.name} ({img.size[0]}x{img.size[1]})"
-            if lr_size is None and min(img.size) > hr_size:
-                larger.append(name)
-            if img.size[0] != img.size[1]:
-                cropped.append(name)
+            width, height = shown_size(img)
+        name = f"{path.name} ({width}x{height})"
+        if lr_size is None and min(width, height) > hr_size:
+            larger.append(name)
+        if width != height:
+            cropped.append(name)
     if cropped:
         log.warning(
             "%d input(s) are not square; only their centre square is super-resolved: %s. "
@@ -163,7 +165,7 @@ def main(argv: list[str]) -> None:
     rows, nfe = [], 0
     for start in tqdm(range(0, len(files), args.batch_size), desc="super-resolving", unit="batch"):
         batch = files[start : start + args.batch_size]
-        pairs = [prepare_input(Image.open(f), hr_size, args.lr_size) for f in batch]
+        pairs = [prepare_input(open_rgb(f), hr_size, args.lr_size) for f in batch]
         lr_up = torch.stack([to_tensor(up) for _, up in pairs]).to(args.device)
         gens = [image_generator(args.seed, f.name, args.device) for f in batch]
         result = model.super_resolve(lr_up, args.sampler, args.steps, args.eta, generator=gens, progress=True)

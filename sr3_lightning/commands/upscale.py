@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from sr3_lightning.commands import command_parser
 from sr3_lightning.commands.sample import check_steps, load_model
-from sr3_lightning.data.degradations import to_rgb
 from sr3_lightning.diffsr.noise_level import choose_level, load_prf_table, parse_noise_level
 from sr3_lightning.diffsr.upscale import (
     SAMPLERS,
@@ -38,6 +37,8 @@ from sr3_lightning.images import (
     check_readable,
     from_tensor,
     list_images,
+    open_rgb,
+    shown_size,
     to_tensor,
 )
 
@@ -112,7 +113,7 @@ def check_targets(files: list[Path], scale: float | None, size: tuple[int, int] 
     for path in files:
         with Image.open(path) as img:
             try:
-                target_size(img.size, scale, size)
+                target_size(shown_size(img), scale, size)
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from None
 
@@ -155,7 +156,7 @@ def main(argv: list[str]) -> None:
     settings |= {"eta": args.eta, "seed": args.seed}
     records = []
     for path in tqdm(files, desc="upscaling", unit="image", disable=len(files) == 1):
-        img = to_rgb(Image.open(path))
+        img = open_rgb(path)
         target, scale = target_size(img.size, args.scale, size)
         level, note, no_prf = level_arg, "given", False
         if level_arg == "auto":

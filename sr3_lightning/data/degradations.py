@@ -12,24 +12,41 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, as the reference's ``.convert('RGB')`` does.
 
     Grayscale, palette, CMYK and RGBA go through ``convert('RGB')`` unchanged from the reference (alpha is
-    dropped, not composited). 16-bit and 32-bit integer images are first scaled to 8 bits (``v >> 8``):
-    a plain ``convert`` would clip every value above 255 to white.
+    dropped, not composited). 16-bit images are first scaled to 8 bits (``v >> 8``): a plain ``convert``
+    would clip every value above 255 to white. 32-bit integer and float images (``I``, ``F``: TIFFs) carry
+    no nominal range, so their values choose it: floats in [0, 1] are scaled by 255, values in 0..255
+    are taken as 8-bit levels and values in 0..65535 as 16-bit ones; anything else is refused, since any
+    mapping would be a guess.
     """
     if img.mode == "RGB":
         return img
     if img.mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(img).astype(np.int64)
         img = Image.fromarray(np.clip(values >> 8, 0, 255).astype(np.uint8), mode="L")
-    elif img.mode == "F":
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):
+        img = Image.fromarray(_wide_to_8bit(np.asarray(img, dtype=np.float64), img.mode), mode="L")
     return img.convert("RGB")
+
+
+def _wide_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 65535:
+        raise ValueError(
+            f"a 32-bit {'float' if mode == 'F' else 'integer'} image with values {lo:g}..{hi:g}, which map "
+            "to no 8-bit range; save it as an 8- or 16-bit image (0..255 or 0..65535) or as floats in 0..1"
+        )
+    if mode == "F" and hi <= 1:
+        values = values * 255
+    elif hi > 255:
+        values = np.floor(values / 256)
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
 
 
 def resize_and_crop(img: Image.Image, size: int) -> Image.Image:
