@@ -2,10 +2,12 @@
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from pathlib import Path
 
+import lightning
 import numpy as np
 import pytest
 import torch
@@ -223,7 +225,9 @@ def test_unconditional_checkpoint_runs_without_conditioning(tmp_path):
     )
 
 
-def test_calibration_writes_a_prf_table_and_plots_that_auto_uses(tiny_ckpt, make_domain_shards, tmp_path):
+def test_calibration_writes_a_prf_table_and_plots_that_auto_uses(
+    tiny_ckpt, make_domain_shards, tmp_path, caplog
+):
     shards = make_domain_shards("photos", 3)
     table_path = tmp_path / "prf.json"
     cli_main(
@@ -242,6 +246,17 @@ def test_calibration_writes_a_prf_table_and_plots_that_auto_uses(tiny_ckpt, make
     )
     table = json.loads(table_path.read_text())
     assert [e["scale"] for e in table["scales"]] == [2.0, 4.0] and table["lpips"].startswith("off")
+    schedule = {"beta_schedule": "linear", "num_timesteps": 100, "beta_start": 1e-6, "beta_end": 1e-2}
+    assert table["schedule"] == schedule
+    one_by_one = tmp_path / "prf_batch1.json"
+    cli_main(
+        ["diffsr-calibrate", "--ckpt", str(tiny_ckpt), "--data", str(shards), "--scales", "2,4"]
+        + ["--limit", "2", "--levels", "0,0.5,1", "--lpips", "false", "--out", str(one_by_one)]
+        + ["--batch-size", "1", *FAST]
+    )
+    for alone, batched in zip(json.loads(one_by_one.read_text())["scales"], table["scales"]):
+        for key in ("signature", "fidelity", "psnr", "ssim"):  # each image's noise is its own
+            assert alone[key] == pytest.approx(batched[key], rel=1e-5, abs=1e-4), key
     for entry in table["scales"]:
         assert entry["levels"] == [0.0, 0.5, 1.0] and len(entry["signature"]) == len(entry["fidelity"]) == 3
         assert entry["level"] in entry["levels"] and entry["lpips"] is None
@@ -257,6 +272,13 @@ def test_calibration_writes_a_prf_table_and_plots_that_auto_uses(tiny_ckpt, make
     assert record["noise_level"] == pytest.approx(choose_level(table, 3.0).level)
     assert "interpolated between x2 and x4" in record["level_note"]
     assert Image.open(out / "x_diffsr.png").size == (36, 36)
+    table_path.write_text(json.dumps({**table, "schedule": {**table["schedule"], "num_timesteps": 2000}}))
+    with caplog.at_level(logging.WARNING):
+        cli_main(
+            ["upscale", "--ckpt", str(tiny_ckpt), "--input", str(tmp_path / "x.png"), "--out", str(out)]
+            + ["--scale", "3", "--noise-level", "auto", "--prf", str(table_path), *FAST]
+        )
+    assert "'num_timesteps': 2000" in caplog.text and "run diffsr-calibrate on this model" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -295,12 +317,31 @@ def test_invalid_scale_size_or_noise_level_is_a_clear_error(tiny_ckpt, tmp_path,
     assert re.search(message, err), err
 
 
-def test_calibrate_rejects_bad_scales_and_levels(tiny_ckpt, tmp_path, capsys):
-    base = ["diffsr-calibrate", "--ckpt", str(tiny_ckpt), "--data", str(tmp_path), "--out", "x.json"]
-    for extra, message in ((["--scales", "2,0.5"], "factor > 1"), (["--levels", "0,2"], r"noise level 2\.0")):
+def test_calibrate_rejects_bad_flags_before_loading_anything(tmp_path, capsys):
+    """Checked before the model (here: a missing file) is read, so a typo costs no sweep."""
+    base = ["diffsr-calibrate", "--ckpt", str(tmp_path / "none.ckpt"), "--data", str(tmp_path)]
+    (tmp_path / "tables").mkdir()
+    for extra, message in (
+        (["--scales", "2,0.5"], "factor > 1"),
+        (["--levels", "0,2"], r"noise level 2\.0"),
+        (["--steps", "0"], r"--steps 0: use a positive number"),
+        (["--eta", "-1"], r"--eta -1\.0: DDIM's eta must be >= 0"),
+        ([], r"--out \S*tables is a folder; name the table's file, e.g. \S*tables/prf\.json"),
+    ):
+        out = tmp_path / ("tables" if not extra else "x.json")
         with pytest.raises(SystemExit):
-            cli_main([*base, *extra])
+            cli_main([*base, "--out", str(out), *extra])
         assert re.search(message, capsys.readouterr().err)
+
+
+def test_diffsr_commands_name_a_regression_checkpoint_and_the_fix(make_domain_shards, tmp_path, capsys):
+    model = SR3Module(unet=TINY, num_timesteps=100, objective="regression")
+    ckpt = tmp_path / "regression.ckpt"
+    state = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    torch.save({**state, "pytorch-lightning_version": lightning.__version__}, ckpt)
+    code, err = calibrate_error(capsys, ckpt, make_domain_shards("photos", 2), tmp_path / "x.json")
+    assert code == 2 and f"--ckpt {ckpt}: this checkpoint is the one-step regression baseline" in err
+    assert "model.objective diffusion" in err and not (tmp_path / "x.json").exists()
 
 
 def calibrate_error(capsys, ckpt: Path, data: Path, out: Path) -> tuple[int, str]:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentParser, Namespace
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from sr3_lightning.commands import command_parser
-from sr3_lightning.commands.sample import load_model
+from sr3_lightning.commands.sample import check_sampler_flags
+from sr3_lightning.commands.upscale import load_diffsr_model, schedule_of
 from sr3_lightning.data.degradations import resize_and_crop
 from sr3_lightning.data.shards import INDEX_NAME, SampleReader, ShardIndex, locate_samples
 from sr3_lightning.diffsr.noise_level import (
@@ -37,6 +38,7 @@ from sr3_lightning.diffsr.noise_level import (
     signature_loss,
 )
 from sr3_lightning.diffsr.upscale import SAMPLERS, check_scale, diffsr, is_conditional
+from sr3_lightning.diffusion.sampling import image_generator
 from sr3_lightning.images import to_tensor
 from sr3_lightning.metrics import (
     LpipsWeightsMissing,
@@ -151,16 +153,23 @@ def degrade(hr: Tensor, scale: float) -> tuple[Tensor, Tensor, float]:
 
 
 def sweep_scale(
-    model: SR3Module, hr: Tensor, scale: float, levels: list[float], args, lpips_model
+    model: SR3Module,
+    hr: Tensor,
+    names: list[str],
+    scale: float,
+    levels: list[float],
+    args: Namespace,
+    lpips_model: torch.nn.Module | None,
 ) -> ScaleSweep:
-    """Diff-SR from every level on all images; the mean of each loss and metric per level."""
+    """Diff-SR from every level on all images; the mean of each loss and metric per level. Each image's
+    noise comes from --seed and its name, the same at every level and for any --batch-size."""
     lr, up, effective = degrade(hr, scale)
     rows: dict[str, list[float]] = {k: [] for k in ("sig", "fid", "psnr", "ssim", "lpips", "cons")}
     steps = []
     for level in tqdm(levels, desc=f"x{scale:g}", unit="level"):
         out = []
-        for b, start in enumerate(range(0, len(hr), args.batch_size)):
-            gen = torch.Generator(device=args.device).manual_seed(args.seed + b)  # same noise at every level
+        for start in range(0, len(hr), args.batch_size):
+            gen = [image_generator(args.seed, n, args.device) for n in names[start : start + args.batch_size]]
             chunk = up[start : start + args.batch_size].to(args.device)
             res = diffsr(
                 model, chunk, level, sampler=args.sampler, steps=args.steps, eta=args.eta, generator=gen
@@ -195,7 +204,7 @@ def sweep_scale(
     )
 
 
-def plot_sweep(sweep: ScaleSweep, args, path: Path) -> Path:
+def plot_sweep(sweep: ScaleSweep, args: Namespace, path: Path) -> Path:
     """Losses (left) and metrics (right) against the noise level; PRF shaded, chosen level dashed."""
     import matplotlib
 
@@ -257,13 +266,25 @@ def make_lpips(enabled: bool, device: str) -> tuple[torch.nn.Module | None, str]
         return None, "skipped: AlexNet weights not available offline"
 
 
-def main(argv: list[str]) -> None:
-    args = parser().parse_args(argv)
+def check_args(args: Namespace) -> tuple[list[float], list[float], Path]:
+    """Everything that can be wrong before the model loads: (scales, levels, plot folder)."""
     scales, levels = parse_scales(args.scales), parse_levels(args.levels)
     if args.limit < 1 or args.batch_size < 1:
         raise ValueError(f"--limit {args.limit} / --batch-size {args.batch_size}: use positive numbers")
+    check_sampler_flags(args.sampler, args.steps, args.eta)
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder; name the table's file, e.g. {args.out / 'prf.json'}")
+    plots = args.plots or args.out.parent / f"{args.out.stem}_plots"
+    if plots.exists() and not plots.is_dir():
+        raise ValueError(f"the plot folder {plots} is a file; choose another with --plots")
+    return scales, levels, plots
+
+
+def main(argv: list[str]) -> None:
+    args = parser().parse_args(argv)
+    scales, levels, plots_dir = check_args(args)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-    model = load_model(args.ckpt, args.device)
+    model = load_diffsr_model(args.ckpt, args.device, args.steps)
     size = model.sampling_unet.config.image_size
     names, hr = load_hr_images(args.data, domains, args.limit, size)
     lpips_model, lpips_note = make_lpips(args.lpips, args.device)
@@ -274,10 +295,9 @@ def main(argv: list[str]) -> None:
         len(levels),
         len(scales),
     )
-    plots_dir = args.plots or args.out.parent / f"{args.out.stem}_plots"
     sweeps, plots = [], {}
     for scale in scales:
-        sweep = sweep_scale(model, hr, scale, levels, args, lpips_model)
+        sweep = sweep_scale(model, hr, names, scale, levels, args, lpips_model)
         sweeps.append(sweep)
         plots[scale] = plot_sweep(sweep, args, plots_dir / f"prf_x{scale:g}.png")
         prf = f"PRF {sweep.prf[0]:.2f}..{sweep.prf[1]:.2f}" if sweep.prf else "NO PRF (best trade-off used)"
@@ -288,6 +308,7 @@ def main(argv: list[str]) -> None:
         "checkpoint": str(args.ckpt),
         "image_size": size,
         "num_timesteps": model.schedule.num_timesteps,
+        "schedule": schedule_of(model),
         "conditional": is_conditional(model),
         "sampler": args.sampler,
         "steps": args.steps,

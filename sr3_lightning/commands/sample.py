@@ -97,15 +97,20 @@ def check_args(args: Namespace) -> None:
     """Numbers that would fail late (or with a cryptic message) are refused before the model loads."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: use a positive number of images per batch, e.g. 8")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: use a positive number of steps, or leave it out for all T")
     if args.lr_size is not None and args.lr_size < 1:
         raise ValueError(f"--lr-size {args.lr_size}: use a positive size in px, or leave it out")
-    if args.eta < 0:
-        raise ValueError(f"--eta {args.eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
-    if args.eta and args.sampler != "ddim":
-        log.warning("--eta %s is DDIM's; --sampler %s does not use it", args.eta, args.sampler)
+    check_sampler_flags(args.sampler, args.steps, args.eta)
     check_out_folder(args.out)
+
+
+def check_sampler_flags(sampler: str, steps: int | None, eta: float) -> None:
+    """``--steps`` / ``--eta`` of every sampling command, checked before the model loads."""
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps {steps}: use a positive number of steps, or leave it out for all T")
+    if eta < 0:
+        raise ValueError(f"--eta {eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
+    if eta and sampler != "ddim":
+        log.warning("--eta %s is DDIM's; --sampler %s does not use it", eta, sampler)
 
 
 def prepare_input(lr: Image.Image, hr_size: int, lr_size: int | None) -> tuple[Image.Image, Image.Image]:

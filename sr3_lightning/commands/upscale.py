@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from jsonargparse import ArgumentParser, Namespace
@@ -19,11 +20,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sr3_lightning.commands import command_parser
-from sr3_lightning.commands.sample import check_steps, load_model
+from sr3_lightning.commands.sample import check_sampler_flags, check_steps, load_model
 from sr3_lightning.diffsr.noise_level import choose_level, load_prf_table, parse_noise_level
 from sr3_lightning.diffsr.upscale import (
     SAMPLERS,
     bicubic_to,
+    check_model,
     check_scale,
     diffsr,
     is_conditional,
@@ -41,6 +43,7 @@ from sr3_lightning.images import (
     shown_size,
     to_tensor,
 )
+from sr3_lightning.module import SR3Module
 
 log = logging.getLogger(__name__)
 LEVEL_TOLERANCE = 0.05  # a start level this far from the requested one is worth a warning
@@ -74,12 +77,7 @@ def check_args(args: Namespace) -> tuple[float | str, tuple[int, int] | None, di
     size = parse_size(args.size) if args.size is not None else None
     if args.scale is not None:
         check_scale(args.scale)
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: use a positive number of steps, or leave it out for all T")
-    if args.eta < 0:
-        raise ValueError(f"--eta {args.eta}: DDIM's eta must be >= 0 (0 = deterministic, 1 = DDPM-like)")
-    if args.eta and args.sampler != "ddim":
-        log.warning("--eta %s is DDIM's; --sampler %s does not use it", args.eta, args.sampler)
+    check_sampler_flags(args.sampler, args.steps, args.eta)
     if args.tile_overlap is not None and args.tile_overlap < 0:
         raise ValueError(f"--tile-overlap {args.tile_overlap}: use 0 or more px, or leave it out (size / 4)")
     check_out_folder(args.out)
@@ -91,14 +89,44 @@ def check_args(args: Namespace) -> tuple[float | str, tuple[int, int] | None, di
                 "prf.json` and pass --prf prf.json, or give a level in [0, 1], e.g. --noise-level 0.3"
             )
         table = load_prf_table(args.prf)
+    elif args.prf is not None:
+        log.warning("--prf %s is not used: --noise-level %s is given; only 'auto' reads it", args.prf, level)
     return level, size, table
 
 
-def warn_if_table_differs(table: dict, prf: Path, model, sampler: str, steps: int | None, eta: float) -> None:
+def load_diffsr_model(ckpt: Path, device: str, steps: int | None) -> SR3Module:
+    """A checkpoint Diff-SR can run, refused with its path and the fix before any image is made."""
+    model = load_model(ckpt, device)
+    try:
+        check_model(model)
+    except ValueError as err:
+        raise ValueError(
+            f"--ckpt {ckpt}: {err}; use a checkpoint of a `fit` run with model.objective diffusion (the "
+            "default) or one converted with `import-reference`"
+        ) from None
+    check_steps(steps, model)
+    return model
+
+
+def schedule_of(model: SR3Module) -> dict[str, Any]:
+    """What a noise level means for this model: a PRF table holds it, and is compared on use."""
+    return {k: model.hparams[k] for k in ("beta_schedule", "num_timesteps", "beta_start", "beta_end")}
+
+
+def warn_if_table_differs(
+    table: dict, prf: Path, model: SR3Module, sampler: str, steps: int | None, eta: float
+) -> None:
+    """A table calibrated elsewhere still runs, with a warning naming what differs."""
     size = model.sampling_unet.config.image_size
     if table.get("image_size") != size:
         log.warning(
             "%s was calibrated for a %s px model; this one is %d px", prf, table.get("image_size"), size
+        )
+    if "schedule" in table and table["schedule"] != schedule_of(model):
+        log.warning(
+            "%s was calibrated on a model with the noise schedule %s; this one has %s, so a level means "
+            "other noise here and the table's levels do not carry over: run diffsr-calibrate on this model",
+            *(prf, table["schedule"], schedule_of(model)),
         )
     if (table.get("sampler"), table.get("steps"), table.get("eta", 0.0)) != (sampler, steps, eta):
         log.warning(
@@ -143,10 +171,9 @@ def main(argv: list[str]) -> None:
     check_output_names(files, "_diffsr.png")
     check_readable(files)
     check_targets(files, args.scale, size)
-    model = load_model(args.ckpt, args.device)
+    model = load_diffsr_model(args.ckpt, args.device, args.steps)
     if table is not None:
         warn_if_table_differs(table, args.prf, model, args.sampler, args.steps, args.eta)
-    check_steps(args.steps, model)
     conditional = is_conditional(model)
     mode = "SR3, conditioned on the bicubic upsample" if conditional else "unconditional"
     outputs = {path: args.out / f"{path.stem}_diffsr.png" for path in files}

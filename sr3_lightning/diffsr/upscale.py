@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sr3_lightning.diffsr.noise_level import level_to_step, step_to_level
 from sr3_lightning.diffsr.tiling import TileGrid, pad_to_tile, tiled_denoiser
-from sr3_lightning.diffusion import respace, sample_from_image
+from sr3_lightning.diffusion import Generators, respace, sample_from_image
 from sr3_lightning.models.eval_mode import eval_mode
 from sr3_lightning.module import SR3Module
 
@@ -118,7 +118,7 @@ def diffsr(
     steps: int | None = None,
     eta: float = 0.0,
     overlap: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     max_batch: int = 64,
     progress: bool = False,
 ) -> DiffSRResult:
