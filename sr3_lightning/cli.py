@@ -23,7 +23,7 @@ from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoi
 from sr3_lightning.data.datamodule import SR3DataModule
 from sr3_lightning.module import SR3Module, restoring_from_checkpoint
 from sr3_lightning.resume import check_resume_settings, read_checkpoint_head
-from sr3_lightning.run_dirs import evaluation_dir, prepare_run_dir, run_dir_of
+from sr3_lightning.run_dirs import evaluated_run_dir, evaluation_dir, prepare_run_dir, run_dir_of
 from sr3_lightning.tracking import (
     Tracking,
     count_metrics_rows,
@@ -167,6 +167,8 @@ class SR3CLI(LightningCLI):
             if isinstance(callback, DomainEval):
                 callback.check_inputs(self.datamodule.val_domain_names)
         run_dir = run_dir_of(trainer_cfg)
+        if self.subcommand in ("validate", "test"):
+            run_dir = evaluated_run_dir(run_dir, self.restore_from, self.subcommand)
         prepare_run_dir(run_dir, fresh=self.subcommand == "fit" and bool(self._get(self.config, "fresh")))
         if self.subcommand == "fit" and self.restore_from is None:
             set_aside_logs_without_checkpoint(run_dir)

@@ -29,6 +29,31 @@ def run_dir_of(trainer_cfg: Any) -> Path:
     return Path(trainer_cfg.get("default_root_dir") or "runs/default")
 
 
+def run_of_checkpoint(ckpt_path: str | None) -> Path | None:
+    """The training run that saved a checkpoint (``RUN/checkpoints/x.ckpt`` beside ``RUN/config.yaml``),
+    or None for a checkpoint kept elsewhere (a download, ``import-reference`` output)."""
+    if not ckpt_path:
+        return None
+    folder = Path(ckpt_path).parent
+    if folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
+        return folder.parent
+    return None
+
+
+def evaluated_run_dir(configured: Path, ckpt_path: str | None, subcommand: str) -> Path:
+    """validate / test log into the run that trained the weights, so two runs' checkpoints evaluated
+    with one config never share (or replace) each other's rows; weights from outside a run log into
+    ``trainer.default_root_dir``."""
+    owner = run_of_checkpoint(ckpt_path)
+    if owner is None or owner.resolve() == configured.resolve():
+        return configured
+    log.warning(
+        "%s: logging into %s, the run that saved %s (trainer.default_root_dir=%s is another run)",
+        *(subcommand, owner, ckpt_path, configured),
+    )
+    return owner
+
+
 def prepare_run_dir(run_dir: Path, fresh: bool) -> None:
     """Fail early on a run directory that cannot be written; with ``fresh``, move an old run aside."""
     if fresh and run_dir.exists() and any(run_dir.iterdir()):
