@@ -160,7 +160,7 @@ def study_runs(runs: list[Run], setup: dict[str, str]) -> list[Run]:
         differ = [
             f"{SETTING_NAMES[k]}={r.settings[k]} (study: {setup[k]})"
             for k in FIXED_KNOBS
-            if str(r.settings[k]) != setup[k]
+            if str(r.settings[k]) != setup[k] and not (k == "evaluation" and r.settings[k] is None)
         ]
         if differ:
             log.warning(

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from sr3_lightning.callbacks.domain_eval import sampler_tag
+
 log = logging.getLogger(__name__)
 
 KEY = re.compile(
@@ -33,9 +35,10 @@ FIXED_KNOBS = (
     "batch_size",
     "beta_schedule",
     "num_timesteps",
+    "evaluation",
 )
 SETTING_NAMES = {"loss": "loss", "limit": "images", "t_min": "t_min", "t_max": "t_max"}  # run labels
-SETTING_NAMES |= {k: k for k in FIXED_KNOBS}
+SETTING_NAMES |= {k: k for k in FIXED_KNOBS} | {"evaluation": "DomainEval sampler"}
 
 
 @dataclass
@@ -101,7 +104,17 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
         "batch_size": data.get("batch_size"),
         "beta_schedule": model.get("beta_schedule", "linear"),
         "num_timesteps": model.get("num_timesteps", 2000),
+        "evaluation": _evaluation(config, model.get("objective", "diffusion")),
     }
+
+
+def _evaluation(config: dict[str, Any], objective: str) -> str | None:
+    """The DomainEval sampler a run was measured with (None: a regression run, which has no sampler)."""
+    if objective == "regression":
+        return None
+    args = domain_eval_args(config) or {}
+    sampler, steps = args.get("sampler", "ddpm"), args.get("steps")
+    return sampler_tag(sampler, steps, args.get("eta", 0.0), args.get("seed", 0))
 
 
 def domain_eval_args(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -299,9 +312,17 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
 
 def _label(runs: list[Run]) -> None:
     """Name each run by the settings that vary between the runs (plus its name where that is ambiguous)."""
-    varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in runs}) > 1]
+
+    def known(k: str) -> list[Run]:  # a regression run has no DomainEval sampler to differ in
+        return [r for r in runs if not (k == "evaluation" and r.settings[k] is None)]
+
+    varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in known(k)}) > 1]
     for r in runs:
-        shown = {k: "all" if k == "limit" and r.settings[k] is None else r.settings[k] for k in varying}
+        shown = {
+            k: "all" if k == "limit" and r.settings[k] is None else r.settings[k]
+            for k in varying
+            if not (k == "evaluation" and r.settings[k] is None)
+        }
         r.label = ", ".join(f"{SETTING_NAMES[k]}={v}" for k, v in shown.items()) or r.name
     labels = [(r.label, r.settings["objective"]) for r in runs]
     names = [r.name for r in runs]  # a grid point of two sweeps has the same run id in both

@@ -38,6 +38,7 @@ def write_run(
     at_steps=(400, 1200, 1600, 2000),
     stopped_at=None,
     model=(),
+    evaluation=(),
 ) -> Path:
     run_dir = root / name
     run_dir.mkdir(parents=True)
@@ -54,7 +55,8 @@ def write_run(
                 },
                 {
                     "class_path": "sr3_lightning.callbacks.DomainEval",
-                    "init_args": {"at_steps": list(at_steps), "original_domains": ["ffhq", "celebahq"]},
+                    "init_args": {"at_steps": list(at_steps), "original_domains": ["ffhq", "celebahq"]}
+                    | dict(evaluation),
                 },
             ],
         },
@@ -158,6 +160,9 @@ def test_only_finished_runs_of_the_studys_setup_fill_the_tables(study_runs, tmp_
     write_run(study_runs / "steps", "a_lr1e-3", at_steps=(400, 2000), model=lr)
     write_run(study_runs / "baselines", "a_regression_lr1e-3", objective="regression", model=lr)
     write_run(
+        study_runs / "steps", "a_ddim50", at_steps=(400, 2000), evaluation={"sampler": "ddim", "steps": 50}
+    )
+    write_run(
         study_runs / "steps", "a_stopped", loss="l2", max_steps=18000, at_steps=(400, 18000), stopped_at=5000
     )
     out = tmp_path / "report"
@@ -171,6 +176,9 @@ def test_only_finished_runs_of_the_studys_setup_fill_the_tables(study_runs, tmp_
     assert any(
         row.endswith("optimizer=Adam(lr=0.001), 400 steps") for table, row in sources if table == "Other r"
     )
+    ddim = "DomainEval sampler=ddim-50-eta0.0-seed0"  # measured with another sampler: not comparable
+    assert f"a_ddim50 differs from the study's setup in {ddim} (study: ddpm-all-seed0)" in caplog.text
+    assert any(row.endswith(f"{ddim}, 2000 steps") for table, row in sources if table == "Other r")
     text = (out / "report.md").read_text()
     assert "a_stopped: stopped before its last evaluation (evaluated up to step 400 of 18000)" in text
     assert "a_stopped" not in set(sources.values())

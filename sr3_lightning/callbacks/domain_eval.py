@@ -37,6 +37,21 @@ log = logging.getLogger(__name__)
 DIVERSITY_GRID_IMAGES = 4  # rows of the diversity grid: the first images of the domain
 
 
+def sampler_tag(
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    objective: str = "diffusion",
+) -> str:
+    """DomainEval's sampler settings as a name (see ``DomainEval.settings_tag``); a report compares runs
+    by it too, since numbers measured with other samplers are not comparable."""
+    if objective == "regression":
+        return "regression"
+    eta_part = f"-eta{float(eta)}" if sampler == "ddim" else ""
+    return f"{sampler}-{steps or 'all'}{eta_part}-seed{seed}"
+
+
 class DomainEval(Callback):
     """PSNR, SSIM, LPIPS and LR consistency of full SR chains on every val domain at chosen steps.
 
@@ -159,10 +174,7 @@ class DomainEval(Callback):
         """The sampler settings as a name, e.g. ``ddpm-all-seed0`` or ``ddim-50-eta0.0-seed0`` (``regression``
         for the one-pass model, which has no sampler): ``test`` logs each setting into a directory of its
         own, so measurements with other samplers never share rows."""
-        if objective == "regression":
-            return "regression"
-        eta = f"-eta{self.eta}" if self.sampler == "ddim" else ""
-        return f"{self.sampler}-{self.steps or 'all'}{eta}-seed{self.seed}"
+        return sampler_tag(self.sampler, self.steps, self.eta, self.seed, objective)
 
     @property
     def state_key(self) -> str:
