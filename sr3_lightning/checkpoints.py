@@ -206,12 +206,16 @@ def _schedule_from_buffers(buffers: dict[str, Tensor], spec: dict | None) -> tup
     return Schedule.from_buffers(buffers), {"kind": "stored", "num_timesteps": len(betas)}
 
 
-def check_shapes(unet: UNet, weights: dict[str, Tensor], source: Path) -> None:
+REFERENCE_SHAPE_FIX = (
+    "The checkpoint has another architecture than the config; pass the reference config JSON it was "
+    "trained with (--config) or set model.unet to match."
+)
+
+
+def check_shapes(
+    unet: UNet, weights: dict[str, Tensor], source: Path, fix: str = REFERENCE_SHAPE_FIX
+) -> None:
     """Walk the model's keys in order and stop at the first one missing or of another shape."""
-    fix = (
-        "The checkpoint has another architecture than the config; pass the reference config JSON it was "
-        "trained with (--config) or set model.unet to match."
-    )
     expected = unet.state_dict()
     for key, value in expected.items():
         if key not in weights:

@@ -3,9 +3,11 @@ or a reference ``*_gen.pth`` / ``*_opt.pth`` pair, loaded strictly into the conf
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,10 +93,10 @@ def load_init_weights(source: str | Path, unet: UNet) -> InitWeights:
             raise CheckpointError(
                 f"{path}: no unet.* weights in its state_dict; is it an sr3-lightning checkpoint?"
             )
-        check_shapes(unet, weights, path)
+        hp = ckpt.get("hyper_parameters", {})
+        check_shapes(unet, weights, path, fix=unet_fix(hp.get("unet"), unet.config))
         unet.load_state_dict(weights, strict=True)
         opt_states = ckpt.get("optimizer_states") or [None]
-        hp = ckpt.get("hyper_parameters", {})
         keys = {
             "kind": "beta_schedule",
             "num_timesteps": "num_timesteps",
@@ -111,6 +113,30 @@ def load_init_weights(source: str | Path, unet: UNet) -> InitWeights:
     unet.load_state_dict(weights, strict=True)
     description = f"reference {gen} (iteration {ref.step}, epoch {ref.epoch})"
     return InitWeights(ref.optimizer_state, description, ref.schedule, ref.schedule_spec)
+
+
+def unet_differences(trained: dict[str, Any], configured: dict[str, Any]) -> str:
+    """The model.unet values one of our checkpoints was trained with where the config differs, as
+    ``inner_channel: 16 (config: 8), ...``; empty when they agree."""
+
+    def same(a: Any, b: Any) -> bool:
+        return (list(a) if isinstance(a, tuple | list) else a) == (
+            list(b) if isinstance(b, tuple | list) else b
+        )
+
+    return ", ".join(
+        f"{k}: {v} (config: {configured[k]})"
+        for k, v in trained.items()
+        if k in configured and not same(v, configured[k])
+    )
+
+
+def unet_fix(trained: Any, configured: UNetConfig) -> str:
+    """How to make the config's UNet fit one of our checkpoints: the model.unet values it was trained with."""
+    differ = unet_differences(trained, dataclasses.asdict(configured)) if isinstance(trained, dict) else ""
+    if not differ:
+        return "The checkpoint has another architecture than the config; set model.unet to the one it had."
+    return f"It was trained with model.unet {differ}; set model.unet to match."
 
 
 def check_norm_groups(config: UNetConfig, gen: Path, weights: dict[str, torch.Tensor]) -> None:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 import shutil
@@ -8,6 +9,7 @@ import torch
 from sr3_lightning import checkpoints, load_reference, save_reference
 from sr3_lightning.checkpoints import CheckpointError, unstored_defaults
 from sr3_lightning.diffusion import denoising_loss
+from sr3_lightning.init_weights import load_init_weights
 from sr3_lightning.models.unet import UNet, UNetConfig
 from sr3_lightning.module import SR3Module
 from tests.reference import REF, TINY, tiny_io
@@ -231,3 +233,12 @@ def test_the_reference_ddpm_module_unet_is_named_not_mangled(tmp_path):
     (tmp_path / "ddpm.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="ddpm.json builds the reference's DDPM-module UNet"):
         load_reference(REF / "tiny_gen.pth", config=tmp_path / "ddpm.json")
+
+
+def test_init_from_one_of_our_checkpoints_of_another_width_names_the_unet_values_to_set(tmp_path):
+    wide = SR3Module(unet=dataclasses.replace(TINY, inner_channel=16), num_timesteps=100)
+    torch.save({"state_dict": wide.state_dict(), "hyper_parameters": dict(wide.hparams)}, tmp_path / "w.ckpt")
+    with pytest.raises(
+        CheckpointError, match=r"trained with model.unet inner_channel: 16 \(config: 8\); set"
+    ):
+        load_init_weights(tmp_path / "w.ckpt", UNet(TINY))

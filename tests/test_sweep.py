@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sr3_lightning import report
 from sr3_lightning.cli import cli_main
+from sr3_lightning.models.unet import UNetConfig
+from sr3_lightning.module import SR3Module
 from sr3_lightning.sweep.local import RECORDS, build_command, read_records, run_local
 from sr3_lightning.sweep.spec import Sweep, check_parameters, load_sweep, sweep_engine
 from sr3_lightning.sweep.wandb_agents import Agent, agent_processes, run_agents
@@ -151,12 +154,23 @@ def test_check_names_missing_checkpoints_and_shards_once_each(tiny_shards, tmp_p
     missing = f"shard directory {tmp_path / 'no_shards'} (domain 'anime') does not exist"
     assert "rejects 4 of 4" in err and err.count(missing) == 1
     monkeypatch.setenv("SR3_SHARDS", str(tiny_shards))
-    init = '  model.init_from: {values: ["null", missing/I1_E1, missing/run.ckpt]}\n'
+    unet = UNetConfig(
+        inner_channel=16,
+        norm_groups=4,
+        channel_multiplier=(1, 2, 2),
+        attn_res=(8,),
+        res_blocks=1,
+        image_size=32,
+    )
+    model, wide = SR3Module(unet=unet, num_timesteps=100), tmp_path / "wide.ckpt"  # tiny_cpu's UNet is 8 wide
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, wide)
+    init = f'  model.init_from: {{values: ["null", missing/I1_E1, missing/run.ckpt, {wide}]}}\n'
     err = sweep_error(
         tmp_path, capsys, smoke.replace("  model.objective: {values: [diffusion, regression]}\n", init)
     )
-    assert "rejects 4 of 6" in err and "missing/I1_E1_gen.pth does not exist" in err
+    assert "rejects 6 of 8" in err and "missing/I1_E1_gen.pth does not exist" in err
     assert "init_from=missing/run.ckpt: the checkpoint does not exist" in err
+    assert f"init_from={wide} was trained with model.unet inner_channel: 16 (config: 8)" in err
     sizes = smoke.replace("configs/sweep_smoke.yaml\n", "configs/sweep_smoke.yaml\n  - --data.lr_size=4\n")
     assert "re-run make_shards with --lr 4" in sweep_error(tmp_path, capsys, sizes)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))

@@ -231,8 +231,7 @@ def _input_problem(kind: str, *key: Any) -> str | None:
         if kind == "lpips":
             check_lpips_weights()
         elif kind == "init_from" and Path(key[0]).suffix == ".ckpt":
-            if not Path(key[0]).is_file():
-                return f"init_from={key[0]}: the checkpoint does not exist"
+            return _checkpoint_problem(Path(key[0]), dict(key[1]))
         elif kind == "init_from":
             resolve_reference_pair(key[0])
         elif kind == "limit":
@@ -242,6 +241,30 @@ def _input_problem(kind: str, *key: Any) -> str | None:
     except (ValueError, FileNotFoundError) as err:
         return str(err)
     return None
+
+
+def _checkpoint_problem(path: Path, unet: dict[str, Any]) -> str | None:
+    """One of our checkpoints as init_from: present, and trained with the run's model.unet (read from its
+    hyper-parameters; the weights stay on disk, memory-mapped)."""
+    import torch
+
+    from sr3_lightning.init_weights import unet_differences
+
+    if not path.is_file():
+        return f"init_from={path}: the checkpoint does not exist"
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters")
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        return f"init_from={path} could not be read ({type(err).__name__}); copy it again"
+    trained = (hparams or {}).get("unet")
+    differ = unet_differences(trained, unet) if isinstance(trained, dict) else ""
+    return (
+        f"init_from={path} was trained with model.unet {differ}; set model.unet to match" if differ else None
+    )
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _limit_problem(train: tuple, val: tuple, lr_size: int, hr_size: int, limit: int) -> None:
@@ -272,7 +295,8 @@ def input_problems(fit: Any, seen: dict[tuple, str | None]) -> list[str]:
     a sweep over many runs names each missing or mismatched input once, without decoding any image) and
     the LPIPS weights its DomainEval needs."""
     data = fit.data
-    inputs = [("init_from", fit.model.init_from)] if fit.model.init_from else []
+    unet = tuple(sorted((k, _hashable(v)) for k, v in dict(vars(fit.model.unet)).items()))
+    inputs = [("init_from", fit.model.init_from, unet)] if fit.model.init_from else []
     if any(_needs_lpips_weights(c) for c in fit.trainer.callbacks or []):
         inputs.append(("lpips",))
     for domain in [data.train, *(data.val or [])]:
