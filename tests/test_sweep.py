@@ -171,6 +171,12 @@ def test_check_names_missing_checkpoints_and_shards_once_each(tiny_shards, tmp_p
     assert "rejects 6 of 8" in err and "missing/I1_E1_gen.pth does not exist" in err
     assert "init_from=missing/run.ckpt: the checkpoint does not exist" in err
     assert f"init_from={wide} was trained with model.unet inner_channel: 16 (config: 8)" in err
+    typo = smoke.replace("metric: {name: val/anime/psnr", "metric: {name: val/anime/psnrr")
+    assert "metric 'val/anime/psnrr' is not a key the runs log" in sweep_error(tmp_path, capsys, typo)
+    other = smoke.replace("metric: {name: val/anime/psnr", "metric: {name: val/celebahq/psnr")
+    assert "names domain 'celebahq', but the runs evaluate anime, ffhq" in sweep_error(
+        tmp_path, capsys, other
+    )
     sizes = smoke.replace("configs/sweep_smoke.yaml\n", "configs/sweep_smoke.yaml\n  - --data.lr_size=4\n")
     assert "re-run make_shards with --lr 4" in sweep_error(tmp_path, capsys, sizes)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))

@@ -52,6 +52,12 @@ def sweep_engine() -> Any:
     return sweeps
 
 
+# What a run logs and a sweep may optimise: DomainEval's and the validation loop's keys, or the train loss.
+LOGGED_METRIC = re.compile(
+    r"^(train/loss|val/[^/]+/loss|(val|forget)/[^/]+/(bicubic_)?(psnr|ssim|lpips|lpips_random|consistency|diversity))$"
+)
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; ValueError names the file and what is wrong."""
     sweeps = sweep_engine()
@@ -72,6 +78,12 @@ def load_sweep(path: str | Path) -> Sweep:
     if config.get("method") == "bayes" and not (isinstance(metric, dict) and metric.get("name")):
         problems.append(
             "a bayes sweep needs the metric it optimises, e.g. metric: {name: val/anime/psnr, goal: maximize}"
+        )
+    name = metric.get("name") if isinstance(metric, dict) else None
+    if name and not LOGGED_METRIC.match(str(name)):
+        problems.append(
+            f"metric {name!r} is not a key the runs log, so the search would see no values: use "
+            "val/DOMAIN/psnr (ssim, lpips, consistency, loss), forget/DOMAIN/psnr (...) or train/loss"
         )
     if problems:
         raise ValueError(f"{path} is not a valid W&B sweep: " + "; ".join(problems))
@@ -368,4 +380,17 @@ def check_parameters(sweep: Sweep, inputs: bool = True) -> Any:
             f"{sweep.path}: `fit` rejects {n} of {len(combos)} parameter combination(s) of the sweep, "
             f"so those runs would fail: {listed}. Fix these values or inputs (`parameters` or the command)."
         )
+    _check_metric_domain(sweep, first)
     return first
+
+
+def _check_metric_domain(sweep: Sweep, fit: Any) -> None:
+    """The domain of the metric a sweep optimises is one its runs evaluate (a typo leaves it blind)."""
+    metric = sweep.config.get("metric")
+    parts = str(metric.get("name", "")).split("/") if isinstance(metric, dict) else []
+    domains = [v.domain for v in fit.data.val or []] if fit is not None else []
+    if len(parts) == 3 and domains and parts[1] not in domains:
+        raise ValueError(
+            f"{sweep.path}: metric {metric['name']!r} names domain {parts[1]!r}, but the runs evaluate "
+            f"{', '.join(domains)}; name one of these"
+        )
