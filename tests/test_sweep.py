@@ -2,6 +2,7 @@
 backend killed after its first run resumes so that every grid point runs exactly once, then reports."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -17,12 +18,12 @@ import yaml
 
 from sr3_lightning import report
 from sr3_lightning.cli import cli_main
-from sr3_lightning.models.unet import UNetConfig
 from sr3_lightning.module import SR3Module
 from sr3_lightning.sweep.local import RECORDS, build_command, read_records, run_local
 from sr3_lightning.sweep.spec import Sweep, check_parameters, load_sweep, sweep_engine
 from sr3_lightning.sweep.wandb_agents import Agent, agent_processes, run_agents
 from sr3_lightning.wandb_offline import read_history
+from tests.reference import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = ("steps", "data", "timesteps", "forgetting")
@@ -154,15 +155,8 @@ def test_check_names_missing_checkpoints_and_shards_once_each(tiny_shards, tmp_p
     missing = f"shard directory {tmp_path / 'no_shards'} (domain 'anime') does not exist"
     assert "rejects 4 of 4" in err and err.count(missing) == 1
     monkeypatch.setenv("SR3_SHARDS", str(tiny_shards))
-    unet = UNetConfig(
-        inner_channel=16,
-        norm_groups=4,
-        channel_multiplier=(1, 2, 2),
-        attn_res=(8,),
-        res_blocks=1,
-        image_size=32,
-    )
-    model, wide = SR3Module(unet=unet, num_timesteps=100), tmp_path / "wide.ckpt"  # tiny_cpu's UNet is 8 wide
+    model = SR3Module(unet=dataclasses.replace(TINY, inner_channel=16), num_timesteps=100)  # tiny_cpu: 8
+    wide = tmp_path / "wide.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, wide)
     init = f'  model.init_from: {{values: ["null", missing/I1_E1, missing/run.ckpt, {wide}]}}\n'
     err = sweep_error(
