@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sr3_lightning.runs import FIXED_KNOBS, SETTING_NAMES, Run
+from sr3_lightning.runs import FIXED_KNOBS, SETTING_NAMES, Run, has_setting
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def study_runs(runs: list[Run], setup: dict[str, str]) -> list[Run]:
         differ = [
             f"{SETTING_NAMES[k]}={r.settings[k]} (study: {setup[k]})"
             for k in FIXED_KNOBS
-            if str(r.settings[k]) != setup[k] and not (k == "evaluation" and r.settings[k] is None)
+            if str(r.settings[k]) != setup[k] and has_setting(r, k)
         ]
         if differ:
             log.warning(

@@ -108,6 +108,11 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def has_setting(run: Run, knob: str) -> bool:
+    """Whether the run has this knob at all: a regression run has no DomainEval sampler to differ in."""
+    return not (knob == "evaluation" and run.settings[knob] is None)
+
+
 def _evaluation(config: dict[str, Any], objective: str) -> str | None:
     """The DomainEval sampler a run was measured with (None: a regression run, which has no sampler)."""
     if objective == "regression":
@@ -312,16 +317,12 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
 
 def _label(runs: list[Run]) -> None:
     """Name each run by the settings that vary between the runs (plus its name where that is ambiguous)."""
-
-    def known(k: str) -> list[Run]:  # a regression run has no DomainEval sampler to differ in
-        return [r for r in runs if not (k == "evaluation" and r.settings[k] is None)]
-
-    varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in known(k)}) > 1]
+    varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in runs if has_setting(r, k)}) > 1]
     for r in runs:
         shown = {
             k: "all" if k == "limit" and r.settings[k] is None else r.settings[k]
             for k in varying
-            if not (k == "evaluation" and r.settings[k] is None)
+            if has_setting(r, k)
         }
         r.label = ", ".join(f"{SETTING_NAMES[k]}={v}" for k, v in shown.items()) or r.name
     labels = [(r.label, r.settings["objective"]) for r in runs]
