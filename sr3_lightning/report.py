@@ -1,24 +1,25 @@
 """The study's report: Tables 1-4 and every metric plotted against steps, from finished runs (`runs.py`).
 
-A table row is a setting read at a step: it comes from whichever run has that setting and evaluated that
+A table row is a setting read at a step: it comes from the runs that have that setting and evaluated that
 step, so one trajectory serves every step of it (Table 1), and runs of different sweeps fill each other's
-rows (e.g. 128 images = L1 at 2000).
+rows (e.g. 128 images = L1 at 2000). Replicates of a setting (runs that differ only in their seeds) are
+averaged: the row shows mean ± sample standard deviation and how many seeds it holds.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sr3_lightning.runs import FIXED_KNOBS, SETTING_NAMES, Run, has_setting
+from sr3_lightning.report_plots import plot_metrics
+from sr3_lightning.runs import FIXED_KNOBS, METRICS, NAMES, SETTING_NAMES, Run, has_setting, replicate_of
 
 log = logging.getLogger(__name__)
 
-METRICS = ("psnr", "ssim", "lpips", "lpips_random")  # table columns per domain, when logged
-NAMES = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "lpips_random": "LPIPS (untrained net)"}
 DIGITS = {"psnr": 2, "ssim": 4, "lpips": 4, "lpips_random": 4}  # the study's precision
 
 # The study: the fine-tuning setup of configs/finetune_anime.yaml and what each table varies.
@@ -27,31 +28,29 @@ STEPS = {"l1": (400, 1200, 1600, 2000, 4000, 12000), "l2": (400, 2000, 6000, 800
 DATA_SIZES = (8, 16, 32, 64, 128)
 T_RANGES = ((1, 2000), (1, 100), (1, 500), (1, 1000), (1000, 2000), (1500, 2000), (1900, 2000))
 FORGET_STEPS = (2000, 4000, 12000)
-COLOURS = (  # matplotlib's 10, then 10 more distinct ones
-    *(f"C{i}" for i in range(10)),
-    *(
-        "#393b79",
-        "#637939",
-        "#8c6d31",
-        "#843c39",
-        "#7b4173",
-        "#3182bd",
-        "#e6550d",
-        "#31a354",
-        "#756bb1",
-        "#636363",
-    ),
-)
-LINE_STYLES = ("-", "-.", ":")
 
 
 @dataclass
 class Row:
+    """A setting at a step, read from one run or averaged over its replicates (`runs`)."""
+
     label: str
-    run: Run | None
+    runs: list[Run]
     step: int | None
     keys: dict[str, str]  # column id -> logged key
-    values: dict[str, float] = field(default_factory=dict)  # column id -> value
+    values: dict[str, float] = field(default_factory=dict)  # column id -> value (the mean of replicates)
+    spread: dict[str, float] = field(default_factory=dict)  # column id -> sample sd, with 2+ replicates
+
+    @classmethod
+    def read(cls, label: str, runs: list[Run], step: int, keys: dict[str, str]) -> Row:
+        row = cls(label, runs, step, keys)
+        for col, key in keys.items():
+            found = [r.evals[step][key] for r in runs if key in r.evals[step]]
+            if found:
+                row.values[col] = statistics.fmean(found)
+            if len(found) > 1:
+                row.spread[col] = statistics.stdev(found)
+        return row
 
 
 @dataclass
@@ -63,54 +62,51 @@ class Table:
 
 
 # ------------------------------------------------------------------------------------------------- tables
-Found = list[tuple[str, Run | None, int]]  # (row label, the run that has it or None, step)
+Found = list[tuple[str, list[Run], int]]  # (row label, the runs that have it, one per replicate; step)
 
 
 def _find(runs: list[Run], wanted: list[tuple[str, dict, int]], used: set[int]) -> Found:
+    """Each wanted row's runs: those with its settings that evaluated its step, one per set of seeds (two
+    runs with the same seeds and settings share their trajectory up to the step, so it counts once)."""
     found = []
     for label, match, step in wanted:
-        run = next(
-            (r for r in runs if step in r.evals and all(r.settings.get(k) == v for k, v in match.items())),
-            None,
-        )
-        if run is not None:
-            used.add(id(run))
-        found.append((label, run, step))
+        replicates: dict[tuple, Run] = {}
+        for r in runs:
+            if step in r.evals and all(r.settings.get(k) == v for k, v in match.items()):
+                replicates.setdefault(replicate_of(r), r)
+        used.update(id(r) for r in replicates.values())
+        found.append((label, list(replicates.values()), step))
     return found
 
 
-def _pick(values: dict[str, float], keys: dict[str, str]) -> dict[str, float]:
-    return {c: values[k] for c, k in keys.items() if k in values}
-
-
 def _metric_row(
-    label: str, run: Run, step: int, columns: list[tuple[str, str, int]], prefix: str = ""
+    label: str, runs: list[Run], step: int, columns: list[tuple[str, str, int]], prefix: str = ""
 ) -> Row:
     keys = {col: f"val/{col.split('/')[0]}/{prefix}{col.split('/')[1]}" for col, _, _ in columns}
-    return Row(label, run, step, keys, _pick(run.evals[step], keys))
+    return Row.read(label, runs, step, keys)
 
 
 def _domain_table(title: str, found: Found, runs: list[Run]) -> Table:
     """Rows = settings read at their step, after bicubic and step 0 (before fine-tuning); then regression."""
-    present = [(label, run, step) for label, run, step in found if run is not None]
+    present = [(label, found_runs, step) for label, found_runs, step in found if found_runs]
     if not present:
         return Table(title, [], [])
-    first = present[0][1]
+    first = present[0][1][0]
     columns = [
         (f"{d}/{m}", f"{d} {NAMES[m]}", DIGITS[m])
         for d in first.domains
         for m in METRICS
         if any(f"val/{d}/{m}" in e for e in first.evals.values())
     ]
-    rows = [_metric_row("Bicubic", first, min(first.evals), columns, prefix="bicubic_")]
+    rows = [_metric_row("Bicubic", [first], min(first.evals), columns, prefix="bicubic_")]
     if 0 in first.evals:
-        rows.append(_metric_row("Step 0 (before fine-tuning)", first, 0, columns))
-    rows += [_metric_row(label, run, step, columns) for label, run, step in present]
+        rows.append(_metric_row("Step 0 (before fine-tuning)", [first], 0, columns))
+    rows += [_metric_row(label, found_runs, step, columns) for label, found_runs, step in present]
     for run in runs:
         if run.settings["objective"] == "regression":
             step = max(run.evals)
-            rows.append(_metric_row(f"Regression ({run.label}, {_steps(step)})", run, step, columns))
-    return Table(title, columns, rows, [label for label, run, _ in found if run is None])
+            rows.append(_metric_row(f"Regression ({run.label}, {_steps(step)})", [run], step, columns))
+    return Table(title, columns, rows, [label for label, found_runs, _ in found if not found_runs])
 
 
 def _steps(n: int) -> str:
@@ -121,29 +117,25 @@ def _forgetting_table(runs: list[Run], used: set[int]) -> Table:
     """Table 4: each original domain at step 0 and after the listed steps, with the change since step 0."""
     title = "Table 4: forgetting on the original domains (L1, 128 images)"
     found = _find(runs, [(f"after {s} steps", BASE, s) for s in FORGET_STEPS], used)
-    present = [(step, run) for _, run, step in found if run is not None and run.original_domains]
+    present = [(step, [r for r in rs if r.original_domains]) for _, rs, step in found]
+    present = [(step, rs) for step, rs in present if rs]
     if not present:
         return Table(title, [], [])
-    last_step, last = present[-1]
+    last_step, last = present[-1][0], present[-1][1][0]
     metrics = [m for m in METRICS if any(k.endswith(f"/{m}") for k in last.evals[last_step])]
     columns = [(m, NAMES[m], DIGITS[m]) for m in metrics]
     columns += [(f"d_{m}", f"Δ{NAMES[m]}", DIGITS[m]) for m in metrics]
+    first = present[0][1][0]
     rows = []
     for domain in last.original_domains:
-        first = present[0][1]
         bicubic = {m: f"val/{domain}/bicubic_{m}" for m in metrics}
-        rows.append(
-            Row(f"{domain}: bicubic", last, last_step, bicubic, _pick(last.evals[last_step], bicubic))
-        )
+        rows.append(Row.read(f"{domain}: bicubic", [last], last_step, bicubic))
+        keys = {m: f"val/{domain}/{m}" for m in metrics}
         if 0 in first.evals:
-            keys = {m: f"val/{domain}/{m}" for m in metrics}
-            rows.append(Row(f"{domain}: step 0", first, 0, keys, _pick(first.evals[0], keys)))
-        for step, run in present:
-            keys = {m: f"val/{domain}/{m}" for m in metrics} | {
-                f"d_{m}": f"forget/{domain}/{m}" for m in metrics
-            }
-            rows.append(Row(f"{domain}: after {_steps(step)}", run, step, keys, _pick(run.evals[step], keys)))
-    return Table(title, columns, rows, [label for label, run, _ in found if run is None])
+            rows.append(Row.read(f"{domain}: step 0", [first], 0, keys))
+        deltas = {f"d_{m}": f"forget/{domain}/{m}" for m in metrics}
+        rows += [Row.read(f"{domain}: after {_steps(step)}", rs, step, keys | deltas) for step, rs in present]
+    return Table(title, columns, rows, [label for label, rs, _ in found if not rs])
 
 
 def study_setup(runs: list[Run]) -> dict[str, str]:
@@ -202,7 +194,7 @@ def build_tables(runs: list[Run]) -> list[Table]:
         if id(r) not in used and (r.settings["objective"] != "regression" or id(r) not in in_study)
     ]
     found = [
-        (f"{r.label}, {_steps(s)}", r if s in r.evals else None, s)
+        (f"{r.label}, {_steps(s)}", [r] if s in r.evals else [], s)
         for r in others
         for s in r.listed_steps or sorted(r.evals)[1:]
     ]
@@ -214,94 +206,65 @@ def build_tables(runs: list[Run]) -> list[Table]:
 
 
 # ------------------------------------------------------------------------------------------------- output
-def _fmt(value: float | None, digits: int, signed: bool = False) -> str:
+def _fmt(value: float | None, digits: int, signed: bool = False, sd: float | None = None) -> str:
     if value is None:
         return "–"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return text if sd is None else f"{text} ± {sd:.{digits}f}"
+
+
+def row_label(row: Row) -> str:
+    """A row's label as shown, with how many seeds an averaged row holds."""
+    return f"{row.label} ({len(row.runs)} seeds)" if len(row.runs) > 1 else row.label
 
 
 def table_markdown(table: Table) -> str:
     head = "| Setting | " + " | ".join(h for _, h, _ in table.columns) + " |"
     rule = "|---|" + "---:|" * len(table.columns)
     body = [
-        f"| {row.label} | "
-        + " | ".join(_fmt(row.values.get(c), d, signed=c.startswith("d_")) for c, _, d in table.columns)
+        f"| {row_label(row)} | "
+        + " | ".join(
+            _fmt(row.values.get(c), d, signed=c.startswith("d_"), sd=row.spread.get(c))
+            for c, _, d in table.columns
+        )
         + " |"
         for row in table.rows
     ]
     text = "\n".join([f"### {table.title}", "", head, rule, *body])
+    if any(row.spread for row in table.rows):
+        text += "\n\nmean ± sample standard deviation over the seeds (`seed_everything`, `model.seed`, "
+        text += "`data.seed`, `subset_seed`)."
     if table.missing:
         text += "\n\nNot in these runs: " + ", ".join(table.missing) + "."
     return text
 
 
+def _cell_lines(row: Row, col: str) -> list[tuple[str, float, str]]:
+    """(run, value, stat) of one cell: its run's value, or each replicate's value, then their mean and sd."""
+    if len(row.runs) == 1:
+        return [(row.runs[0].source, row.values[col], "value")]
+    key, evals = row.keys[col], [r.evals[row.step] for r in row.runs]
+    lines = [(r.source, e[key], "replicate") for r, e in zip(row.runs, evals) if key in e]
+    sources = "; ".join(r.source for r in row.runs)
+    lines.append((sources, row.values[col], "mean"))
+    if col in row.spread:
+        lines.append((sources, row.spread[col], "sd"))
+    return lines
+
+
 def write_csv(tables: list[Table], path: Path) -> None:
-    """Every number of the tables, unrounded, with the run, step and logged key it was read from."""
+    """Every number of the tables, unrounded, with the run, step and logged key it was read from. An
+    averaged row has one line per replicate (stat ``replicate``), then its ``mean`` and ``sd``."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["table", "row", "run", "step", "key", "value"])
+        writer.writerow(["table", "row", "run", "step", "key", "value", "stat"])
         for table in tables:
             for row in table.rows:
-                for col, _, _ in table.columns:
-                    if col in row.values:
-                        source = row.run.source if row.run else ""
+                for col in (c for c, _, _ in table.columns if c in row.values):
+                    for source, value, stat in _cell_lines(row, col):
                         writer.writerow(
-                            [table.title, row.label, source, row.step, row.keys[col], row.values[col]]
+                            [table.title, row.label, source, row.step, row.keys[col], value, stat]
                         )
-
-
-def plot_metrics(runs: list[Run], out: Path) -> list[Path]:
-    """Per domain: each metric against steps, one line per run (bicubic dashed); per original domain: the
-    forget/* deltas against steps. Returns the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    domains = list(dict.fromkeys(d for r in runs for d in r.domains))
-    originals = list(dict.fromkeys(d for r in runs for d in r.original_domains))
-    for kind, prefix, names in (("metrics", "val", domains), ("forgetting", "forget", originals)):
-        for domain in names:
-            metrics = [
-                m
-                for m in METRICS
-                if any(f"{prefix}/{domain}/{m}" in e for r in runs for e in r.evals.values())
-            ]
-            if not metrics:
-                continue
-            fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.6), squeeze=False)
-            for ax, metric in zip(axes[0], metrics):
-                key = f"{prefix}/{domain}/{metric}"
-                for i, run in enumerate(runs):
-                    points = [(s, e[key]) for s, e in sorted(run.evals.items()) if key in e]
-                    if points:
-                        regression = run.settings["objective"] == "regression"
-                        label = f"{run.label} (regression)" if regression else run.label
-                        style = LINE_STYLES[i // len(COLOURS) % len(LINE_STYLES)]  # past 20 runs, new dashes
-                        ax.plot(
-                            *zip(*points),
-                            marker="o",
-                            markersize=3,
-                            label=label,
-                            color=COLOURS[i % len(COLOURS)],
-                            linestyle=style,
-                        )
-                bicubic_key = f"val/{domain}/bicubic_{metric}"
-                bicubic = [e[bicubic_key] for r in runs for e in r.evals.values() if bicubic_key in e]
-                if kind == "metrics" and bicubic:
-                    ax.axhline(bicubic[0], color="gray", linestyle="--", linewidth=1, label="bicubic")
-                if kind == "forgetting":
-                    ax.axhline(0.0, color="gray", linewidth=0.8)
-                ax.set_xlabel("fine-tuning steps")
-                ax.set_title(f"{domain} {'Δ' if kind == 'forgetting' else ''}{NAMES[metric]}")
-                ax.grid(alpha=0.3)
-            axes[0][-1].legend(fontsize=7)
-            fig.tight_layout()
-            paths.append(out / f"{kind}_{domain}.png")
-            fig.savefig(paths[-1], dpi=100)
-            plt.close(fig)
-    return paths
 
 
 def write_report(runs: list[Run], out: Path, skipped: list[str] | None = None) -> Path:

@@ -24,13 +24,14 @@ log = logging.getLogger(__name__)
 KEY = re.compile(
     r"^(val|forget)/([^/]+)/((?:bicubic_)?(?:psnr|ssim|lpips|lpips_random|consistency|diversity))$"
 )
+METRICS = ("psnr", "ssim", "lpips", "lpips_random")  # the report's columns and plots per domain, when logged
+NAMES = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "lpips_random": "LPIPS (untrained net)"}
 # Knobs a study keeps fixed: a table row is only filled by runs that share the study's values of these.
 FIXED_KNOBS = (
     "optimizer",
     "init_from",
     "ema_decay",
     "t_sampling",
-    "subset_seed",
     "train_domain",
     "batch_size",
     "beta_schedule",
@@ -39,6 +40,10 @@ FIXED_KNOBS = (
 )
 SETTING_NAMES = {"loss": "loss", "limit": "images", "t_min": "t_min", "t_max": "t_max"}  # run labels
 SETTING_NAMES |= {k: k for k in FIXED_KNOBS} | {"evaluation": "DomainEval sampler"}
+# Seeds: runs of one setting that differ only in these are replicates, which the report averages.
+REPLICATE_KNOBS = ("seed_everything", "model_seed", "data_seed", "subset_seed")
+SETTING_NAMES |= {"seed_everything": "seed_everything", "model_seed": "model.seed", "data_seed": "data.seed"}
+SETTING_NAMES |= {"subset_seed": "subset_seed"}
 
 
 @dataclass
@@ -52,7 +57,8 @@ class Run:
     original_domains: list[str]
     evals: dict[int, dict[str, float]]  # global step -> {val/..., forget/...}
     seconds: float | None = None
-    label: str = ""
+    label: str = ""  # the settings that vary between the reported runs (`_label`)
+    setting_label: str = ""  # the same without the seeds: what its replicates share
     has_domain_eval: bool = True  # its config lists the DomainEval callback
     log_name: str = "metrics.csv"  # where its metrics were read, for messages
     val_order: tuple[str, ...] = ()  # its config's val domains, in order: the tables' column order
@@ -99,6 +105,9 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
         "init_from": model.get("init_from"),
         "ema_decay": model.get("ema_decay"),
         "t_sampling": model.get("t_sampling", "batch"),
+        "seed_everything": config.get("seed_everything"),
+        "model_seed": model.get("seed", 0),
+        "data_seed": data.get("seed", 0),
         "subset_seed": train.get("subset_seed"),
         "train_domain": train.get("domain"),
         "batch_size": data.get("batch_size"),
@@ -106,6 +115,15 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
         "num_timesteps": model.get("num_timesteps", 2000),
         "evaluation": _evaluation(config, model.get("objective", "diffusion")),
     }
+
+
+def replicate_of(run: Run) -> tuple:
+    """What tells a run's replicates apart: its seeds (weights not taken from ``init_from``; t, noise and
+    dropout; pass order; the subset). An unseeded run (``seed_everything: false``) is a replicate of its
+    own: no other run is known to share its trajectory."""
+    if run.settings["seed_everything"] is None or isinstance(run.settings["seed_everything"], bool):
+        return (run.source,)
+    return tuple(run.settings[k] for k in REPLICATE_KNOBS)
 
 
 def has_setting(run: Run, knob: str) -> bool:
@@ -316,15 +334,17 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
 
 
 def _label(runs: list[Run]) -> None:
-    """Name each run by the settings that vary between the runs (plus its name where that is ambiguous)."""
+    """Name each run by the settings that vary between the runs (plus its name where that is ambiguous);
+    ``setting_label`` leaves the seeds out, naming what a run's replicates share."""
     varying = [k for k in SETTING_NAMES if len({str(r.settings[k]) for r in runs if has_setting(r, k)}) > 1]
     for r in runs:
         shown = {
-            k: "all" if k == "limit" and r.settings[k] is None else r.settings[k]
+            k: f"{SETTING_NAMES[k]}={'all' if k == 'limit' and r.settings[k] is None else r.settings[k]}"
             for k in varying
             if has_setting(r, k)
         }
-        r.label = ", ".join(f"{SETTING_NAMES[k]}={v}" for k, v in shown.items()) or r.name
+        r.setting_label = ", ".join(v for k, v in shown.items() if k not in REPLICATE_KNOBS)
+        r.label = ", ".join(shown.values()) or r.name
     labels = [(r.label, r.settings["objective"]) for r in runs]
     names = [r.name for r in runs]  # a grid point of two sweeps has the same run id in both
     for r in runs:

@@ -9,13 +9,15 @@ The runs here are run directories written the way a finished run leaves them (``
 import csv
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sr3_lightning import report
+from sr3_lightning import report, report_plots
 from sr3_lightning.cli import cli_main
+from sr3_lightning.runs import load_runs
 
 DOMAINS = ("anime", "ffhq", "celebahq")
 METRICS = ("psnr", "ssim", "lpips", "consistency")
@@ -39,13 +41,31 @@ def write_run(
     stopped_at=None,
     model=(),
     evaluation=(),
+    seed: int | bool = 0,
+    model_seed: int = 0,
+    subset_seed: int | None = None,
 ) -> Path:
     run_dir = root / name
     run_dir.mkdir(parents=True)
     config = {
-        "model": {"loss": loss, "t_min": t[0], "t_max": t[1], "objective": objective, "num_timesteps": 2000}
+        "seed_everything": seed,
+        "model": {
+            "loss": loss,
+            "t_min": t[0],
+            "t_max": t[1],
+            "objective": objective,
+            "num_timesteps": 2000,
+            "seed": model_seed,
+        }
         | dict(model),
-        "data": {"train": {"domain": "anime", "shards": "data/shards/anime", "limit": limit}},
+        "data": {
+            "train": {
+                "domain": "anime",
+                "shards": "data/shards/anime",
+                "limit": limit,
+                "subset_seed": subset_seed,
+            }
+        },
         "trainer": {
             "max_steps": max_steps,
             "callbacks": [
@@ -198,6 +218,38 @@ def test_columns_follow_the_configs_val_domains_and_equal_run_ids_are_told_apart
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| Setting | celebahq PSNR | celebahq SSIM | celebahq LPIPS | anime PSNR |" in text
     assert "`loss=l1 (a/l1-2000-abc)`" in text and "`loss=l1 (c/l1-2000-abc)`" in text
+
+
+def test_seed_replicates_of_a_row_are_averaged_and_each_counts_once(study_runs, tmp_path):
+    data = study_runs / "data"
+    write_run(data, "limit8-seed1", limit=8, model_seed=1)  # other t, noise and dropout draws
+    write_run(data, "limit8-subset3", limit=8, subset_seed=3)  # another draw of the 8 images
+    write_run(study_runs / "data_again", "limit8", limit=8)  # the seeds of data/limit8: its trajectory
+    write_run(data, "limit8-unseeded", limit=8, seed=False)  # seed_everything: false: a draw of its own
+    out = tmp_path / "report"
+    cli_main(["report", str(study_runs), "--out", str(out)])
+    with (out / "report.csv").open() as f:
+        lines = [r for r in csv.DictReader(f) if r["row"] == "8 images" and r["key"] == "val/anime/psnr"]
+    names = ("limit8", "limit8-seed1", "limit8-subset3", "limit8-unseeded")
+    replicates = [value(n, 2000, "anime", "psnr") for n in names]
+    assert [(Path(r["run"]).name, r["stat"]) for r in lines[:4]] == [(n, "replicate") for n in names]
+    assert [float(r["value"]) for r in lines[:4]] == replicates
+    assert Path(lines[0]["run"]).parent.name == "data"  # the first of the two equal trajectories
+    mean, sd = statistics.fmean(replicates), statistics.stdev(replicates)
+    assert [(r["stat"], float(r["value"])) for r in lines[4:]] == [("mean", mean), ("sd", sd)]
+    text = (out / "report.md").read_text()
+    assert md_row(text, "8 images (4 seeds)")[0] == f"{mean:.2f} ± {sd:.2f}"
+    assert "mean ± sample standard deviation over the seeds" in text
+    assert md_row(text, "128 images")[0] == f"{value('l1', 2000, 'anime', 'psnr'):.2f}"  # one run: no ±
+    assert "data_again" not in {Path(r["run"]).parent.name for r in lines}
+    named = "`loss=l1, images=8, t_max=2000, seed_everything=0, model.seed=1, subset_seed=None`: "
+    assert named in text  # the seeds that vary between the runs are named
+    # The plots draw the replicates as one line: their mean, with a band of one sd.
+    groups = report_plots.replicate_groups(load_runs([str(study_runs)])[0])
+    (eight,) = [g for g in groups if g[0].settings["limit"] == 8]
+    assert sorted(r.name for r in eight) == sorted(names)
+    steps, means, sds = report_plots.trajectory(eight, "val/anime/psnr")
+    assert steps[-1] == 2000 and (means[-1], sds[-1]) == pytest.approx((mean, sd))
 
 
 def test_a_sweeps_failed_and_vanished_runs_are_named_in_the_report(tmp_path):

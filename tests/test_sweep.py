@@ -26,7 +26,7 @@ from sr3_lightning.wandb_offline import read_history
 from tests.reference import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = ("steps", "data", "timesteps", "forgetting")
+STUDIES = ("steps", "data", "data_draws", "timesteps", "forgetting")
 
 
 def grid(sweep) -> list[dict]:
@@ -53,6 +53,12 @@ def test_study_sweeps_are_accepted_by_fit_and_match_the_report(monkeypatch):
     assert set(domain_eval(configs["steps"]).at_steps) == set(report.STEPS["l1"] + report.STEPS["l2"])
     assert configs["steps"].trainer.max_steps == max(report.STEPS["l2"])
     assert [p["data.train.limit"] for p in grid(load_sweep("sweeps/data.yaml"))] == list(report.DATA_SIZES)
+    draws = {
+        (p["data.train.limit"], p["data.train.subset_seed"])
+        for p in grid(load_sweep("sweeps/data_draws.yaml"))
+    }
+    assert draws == {(n, seed) for n in report.DATA_SIZES for seed in (1, 2)}
+    assert configs["data_draws"].data.train.subset_seed in (1, 2)  # the parameter reaches the data module
     ranges = [(p["model"]["t_min"], p["model"]["t_max"]) for p in grid(load_sweep("sweeps/timesteps.yaml"))]
     assert ranges == list(report.T_RANGES)
     assert set(domain_eval(configs["forgetting"]).at_steps) == set(report.FORGET_STEPS)
