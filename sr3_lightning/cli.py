@@ -22,7 +22,7 @@ from sr3_lightning.callbacks.step_progress import StepProgressBar
 from sr3_lightning.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from sr3_lightning.data.datamodule import SR3DataModule
 from sr3_lightning.module import SR3Module, restoring_from_checkpoint
-from sr3_lightning.resume import check_resume_settings, read_checkpoint_head
+from sr3_lightning.resume import changed_settings, check_resume_settings, read_checkpoint_head
 from sr3_lightning.run_dirs import evaluated_run_dir, evaluation_dir, prepare_run_dir, run_dir_of
 from sr3_lightning.tracking import (
     Tracking,
@@ -98,7 +98,9 @@ class SR3CLI(LightningCLI):
         if subcommand in ("validate", "test") and not ckpt_path:
             ckpt_path = cfg["ckpt_path"] = self._checkpoint_to_evaluate(subcommand)
         if ckpt_path:
-            self.weights_step = read_checkpoint_head(ckpt_path)[0]
+            self.weights_step, saved = read_checkpoint_head(ckpt_path)
+            if subcommand != "fit":
+                warn_replaced_settings(subcommand, ckpt_path, cfg.model, saved)
         elif subcommand == "fit" and not cfg.get("fresh"):
             found = find_resume_checkpoint(run_dir_of(cfg.trainer))
             ckpt_path = str(found) if found else None
@@ -231,6 +233,18 @@ class SR3CLI(LightningCLI):
         run(**kwargs)
         if self.evaluation_log:
             drop_earlier_rows(self.evaluation_log, self.weights_step, earlier)
+
+
+def warn_replaced_settings(subcommand: str, ckpt_path: str, model: Namespace, saved: dict[str, Any]) -> None:
+    """validate and test build the model from the checkpoint's settings: a config value they replace is
+    named, so nobody reads the results as measured with it."""
+    given = model.as_dict() if isinstance(model, Namespace) else dict(model)
+    replaced = changed_settings(given, saved)
+    if replaced:
+        log.warning(
+            "%s: the model is built as %s was trained; these config values are not used: %s",
+            *(subcommand, ckpt_path, "; ".join(replaced)),
+        )
 
 
 JOB_TYPES = {"fit": "train", "validate": "validate", "test": "test"}  # W&B's job_type: `report` reads train

@@ -305,12 +305,24 @@ def test_a_scheduler_s_moving_lr_and_betas_are_not_taken_for_changed_settings(ti
     )
 
 
-def test_validate_logs_beside_the_training_run_not_into_it(tiny_shards, tmp_path):
+def test_validate_logs_beside_the_training_run_not_into_it(tiny_shards, tmp_path, caplog):
     cli_main(fit_args(tiny_shards, tmp_path, "--trainer.max_steps=1"))
     before = {name: (tmp_path / name).read_text() for name in ("config.yaml", "metrics.csv")}
     last = tmp_path / "checkpoints" / "last.ckpt"
     cli = cli_main(["validate", *fit_args(tiny_shards, tmp_path)[1:], f"--ckpt_path={last}"])
     assert "val/anime/loss" in cli.trainer.callback_metrics
+    assert "these config values are not used" not in caplog.text
+    other = (
+        "--model.loss=l2",
+        "--model.t_max=50",
+    )  # the checkpoint's settings win, and the config's are named
+    cli = cli_main(["validate", *fit_args(tiny_shards, tmp_path, *other)[1:], f"--ckpt_path={last}"])
+    assert (cli.model.hparams.loss, cli.model.hparams.t_max) == ("l1", None)
+    replaced = "model.loss: l2 (checkpoint: l1); model.t_max: 50 (checkpoint: 100)"
+    assert (
+        f"the model is built as {last} was trained; these config values are not used: {replaced}"
+        in caplog.text
+    )
     assert {name: (tmp_path / name).read_text() for name in before} == before
     rows = list(csv.DictReader((tmp_path / "validate" / "metrics.csv").read_text().splitlines()))
     assert [(r["step"], bool(r["val/anime/loss"])) for r in rows] == [("1", True)]  # the checkpoint's step
