@@ -216,6 +216,18 @@ def read_run_dir(run_dir: Path, seconds: float | None = None) -> Run:
 EVALUATION_DIRS = ("validate", "test")  # RUN/validate, RUN/test: evaluations of RUN's checkpoints
 
 
+def check_not_evaluation(path: Path) -> None:
+    """A ``validate`` or ``test`` directory measures one checkpoint of a training run; read as a run, its
+    config would pass for a training run that stopped at that checkpoint."""
+    path = path.resolve()
+    for evaluation in (path, path.parent):  # RUN/validate, RUN/test, RUN/test/SETTINGS
+        if evaluation.name in EVALUATION_DIRS and (evaluation.parent / "config.yaml").is_file():
+            raise ValueError(
+                f"{path} holds `{evaluation.name}` measurements of the checkpoints of {evaluation.parent} "
+                f"(in the metrics.csv files under it), not a training run: report {evaluation.parent}"
+            )
+
+
 def _local_runs(path: Path, left_out: list[str], depth: int = 0) -> list[Run]:
     """Runs under ``path``; runs of a local sweep that did not finish are named in ``left_out``."""
     from sr3_lightning.sweep.local import latest_records
@@ -298,6 +310,7 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
                 f"{source} does not exist (a run directory, a sweep directory or wandb:E/P)"
             )
         else:
+            check_not_evaluation(Path(source))
             found = _local_runs(Path(source), left_out)
         if not found:
             where = (

@@ -280,6 +280,13 @@ def test_report_errors_name_the_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["report", str(source), "--out", str(tmp_path / "out")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    run = write_run(tmp_path, "run")
+    for evaluation in ("validate", "test/ddpm-50-seed0"):  # `validate` / `test` of run's checkpoints
+        shutil.copytree(run, run / evaluation, ignore=shutil.ignore_patterns("validate", "test"))
+        with pytest.raises(SystemExit):
+            cli_main(["report", str(run / evaluation), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert f"measurements of the checkpoints of {run} " in err and f"report {run}\n" in err
     (tmp_path / "report.md").write_text("not a folder")
     with pytest.raises(SystemExit):
         cli_main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "report.md")])
