@@ -268,8 +268,15 @@ def test_local_backend_records_failures_retries_them_on_relaunch_and_needs_count
     run_local(Sweep(tmp_path / "s.yaml", config, []), sweep_dir)
     calls = (tmp_path / "calls").read_text().splitlines()
     assert sum("--model.loss=l1" in c for c in calls) == 3 and (l1_dir / "config.yaml").is_file()
-    with pytest.raises(ValueError, match="different sweep"):
+    with pytest.raises(ValueError, match=f"different sweep .* report {sweep_dir} {sweep_dir}_2 --out"):
         run_local(Sweep(tmp_path / "s.yaml", {**config, "method": "random"}, []), sweep_dir, count=1)
+    wider = {**config, "parameters": {"model.loss": {"values": ["l1", "l2", "l3"]}}}  # the grid, extended
+    run_local(Sweep(tmp_path / "s.yaml", wider, []), sweep_dir)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [sum(f"--model.loss={v}" in c for c in calls) for v in ("l1", "l2", "l3")] == [3, 5, 1]
+    assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) == wider  # only the new point ran (and
+    with pytest.raises(ValueError, match="different sweep"):  # the failed one retried); a removed value:
+        run_local(Sweep(tmp_path / "s.yaml", config, []), sweep_dir)
     random_sweep = Sweep(tmp_path / "s.yaml", {**config, "method": "random"}, [])
     with pytest.raises(ValueError, match="--count"):
         run_local(random_sweep, tmp_path / "random")

@@ -98,16 +98,47 @@ def _append_record(sweep_dir: Path, record: dict[str, Any]) -> None:
 
 
 def _claim(sweep_dir: Path, sweep: Sweep) -> None:
-    """Keep a copy of the sweep in its directory; refuse to resume a directory started by another sweep."""
+    """Keep a copy of the sweep in its directory; refuse to resume a directory started by another sweep,
+    unless the sweep is its grid with values added (`grid_extension`): then the new points run there."""
     copy = sweep_dir / "sweep.yaml"
     if copy.is_file():
-        if yaml.safe_load(copy.read_text()) != sweep.config:
+        before = yaml.safe_load(copy.read_text())
+        if before == sweep.config:
+            return
+        added = grid_extension(before, sweep.config)
+        if added is None:
             raise ValueError(
-                f"{sweep_dir} holds runs of a different sweep (see {copy}); pass another --dir, or delete it"
+                f"{sweep_dir} holds runs of a different sweep (see {copy}); only a grid whose parameters "
+                f"gain values extends it in place. Pass another --dir (e.g. {sweep_dir}_2) and report both "
+                f"directories together (python -m sr3_lightning report {sweep_dir} {sweep_dir}_2 --out ...), "
+                "or delete it"
             )
-        return
+        log.warning("extending the grid of %s: %s; its finished runs are kept", sweep_dir, "; ".join(added))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     copy.write_text(yaml.safe_dump(sweep.config, sort_keys=False))
+
+
+def grid_extension(before: dict[str, Any], after: dict[str, Any]) -> list[str] | None:
+    """What ``after`` adds to the grid ``before`` (``PARAM += [values]`` each), when adding values to its
+    parameters is all that changed; None otherwise. Run ids come from the parameters, so the runs already
+    finished keep their directories and only the new points run."""
+    rest = [{k: v for k, v in c.items() if k != "parameters"} for c in (before, after)]
+    params = [c.get("parameters") or {} for c in (before, after)]
+    if before.get("method") != "grid" or rest[0] != rest[1] or set(params[0]) != set(params[1]):
+        return None
+    added = []
+    for name, old in params[0].items():
+        new = params[1][name]
+        if new == old:
+            continue
+        if (
+            set(old) != {"values"}
+            or set(new) != {"values"}
+            or any(v not in new["values"] for v in old["values"])
+        ):
+            return None
+        added.append(f"{name} += {[v for v in new['values'] if v not in old['values']]}")
+    return added
 
 
 def _last_value(run_dir: Path, name: str) -> float | None:
