@@ -149,6 +149,17 @@ def test_check_runs_the_model_and_data_checks_on_every_combination(
     assert "--optimizer is not used by sr3-lightning: set model.optimizer instead" in err
     err = sweep_error(tmp_path, capsys, smoke.replace(objective, "  data.train.limit: {values: [8, 23]}\n"))
     assert "rejects 2 of 4" in err and "limit 23 but" in err and "holds 24 images, 2 of them held out" in err
+    err = sweep_error(
+        tmp_path,
+        capsys,
+        smoke.replace(
+            "{domain: ffhq, shards: ${envvar:SR3_SHARDS}, num_images: 2}",
+            "{domain: ffhq, shards: ${envvar:SR3_SHARDS}, num_images: 99}",
+        ),
+    )
+    assert (
+        "rejects 4 of 4" in err and "val domain 'ffhq': num_images 99 but" in err and "holds 8 images" in err
+    )
     cli_main(["sweep", "sweeps/smoke.yaml", "--check"])  # the good grid passes
 
 

@@ -76,6 +76,15 @@ def check_limit(domain: str, limit: int | None, index: ShardIndex, held_out: int
         )
 
 
+def check_num_images(domain: str, num_images: int, index: ShardIndex) -> None:
+    """A val domain's ``num_images`` must fit its shards (``sweep --check`` asks too)."""
+    if num_images > len(index.keys):
+        raise ValueError(
+            f"val domain '{domain}': num_images {num_images} but {index.path} holds {len(index.keys)} "
+            "images; lower `num_images` or add images to the shards"
+        )
+
+
 class FixedSamples(Dataset):
     """The fixed validation images of one domain, in index order."""
 
@@ -179,11 +188,7 @@ class SR3DataModule(pl.LightningDataModule):
         if self.val and not self._val_tables:
             for v in self.val:
                 index = load_index(v.shards, v.domain, self.lr_size, self.hr_size)
-                if v.num_images > len(index.keys):
-                    raise ValueError(
-                        f"val domain '{v.domain}': num_images {v.num_images} but {index.path} holds "
-                        f"{len(index.keys)} images"
-                    )
+                check_num_images(v.domain, v.num_images, index)
                 self._val_tables.append(locate_samples(index, index.keys[-v.num_images :], self.on_corrupt))
                 self._val_index_paths.append(index.path.resolve())
         if self.train is not None and self._train_table is None and stage in (None, "fit"):

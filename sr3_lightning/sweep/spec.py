@@ -235,6 +235,7 @@ def check_values(cfg: Any) -> None:
 
 def _input_problem(kind: str, *key: Any) -> str | None:
     """Why a run could not open this input (a checkpoint's name, or a domain's shard index), if it cannot."""
+    from sr3_lightning.data.datamodule import check_num_images
     from sr3_lightning.data.shards import load_index
     from sr3_lightning.init_weights import resolve_reference_pair
     from sr3_lightning.metrics import check_lpips_weights
@@ -248,6 +249,8 @@ def _input_problem(kind: str, *key: Any) -> str | None:
             resolve_reference_pair(key[0])
         elif kind == "limit":
             _limit_problem(*key)
+        elif kind == "val_shards":
+            check_num_images(key[1], key[4], load_index(*key[:4]))
         else:
             load_index(*key)
     except (ValueError, FileNotFoundError) as err:
@@ -311,9 +314,10 @@ def input_problems(fit: Any, seen: dict[tuple, str | None]) -> list[str]:
     inputs = [("init_from", fit.model.init_from, unet)] if fit.model.init_from else []
     if any(_needs_lpips_weights(c) for c in fit.trainer.callbacks or []):
         inputs.append(("lpips",))
-    for domain in [data.train, *(data.val or [])]:
-        if domain is not None:
-            inputs.append(("shards", domain.shards, domain.domain, data.lr_size, data.hr_size))
+    if data.train is not None:
+        inputs.append(("shards", data.train.shards, data.train.domain, data.lr_size, data.hr_size))
+    for v in data.val or []:
+        inputs.append(("val_shards", v.shards, v.domain, data.lr_size, data.hr_size, v.num_images))
     if data.train is not None and data.train.limit is not None:
         val = tuple(
             (v.shards, v.domain, v.num_images) for v in data.val or [] if v.domain == data.train.domain
@@ -323,7 +327,7 @@ def input_problems(fit: Any, seen: dict[tuple, str | None]) -> list[str]:
     for key in inputs:
         if key not in seen:
             seen[key] = _input_problem(*key)
-    return [seen[key] for key in dict.fromkeys(inputs) if seen[key]]
+    return list(dict.fromkeys(seen[key] for key in inputs if seen[key]))  # train and val may share shards
 
 
 def combinations(sweep: Sweep) -> list[dict[str, Any]]:
