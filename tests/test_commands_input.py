@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from sr3_lightning.cli import cli_main
-from sr3_lightning.commands import sample
+from sr3_lightning.commands import sample, upscale
+from sr3_lightning.diffsr import diffsr
 from sr3_lightning.module import SR3Module
 from tests.reference import REF, TINY
 
@@ -197,7 +198,9 @@ def test_an_images_result_depends_on_the_seed_and_its_name_not_on_its_batch(tiny
     assert np.abs(result["alone"] - result["seed1"]).max() > 10
 
 
-def test_upscale_json_keeps_the_records_of_earlier_runs_into_the_folder(tiny_ckpt, tmp_path, caplog):
+def test_upscale_json_keeps_the_records_of_earlier_runs_into_the_folder(
+    tiny_ckpt, tmp_path, caplog, monkeypatch
+):
     inputs, out = colour_images(tmp_path / "in", "a.png", "b.png"), tmp_path / "out"
     run_command("upscale", tiny_ckpt, inputs / "a.png", out)
     run_command("upscale", tiny_ckpt, inputs, out, "--seed", "3")  # a.png is made again
@@ -205,6 +208,21 @@ def test_upscale_json_keeps_the_records_of_earlier_runs_into_the_folder(tiny_ckp
     images = json.loads((out / "upscale.json").read_text())["images"]
     assert [(Path(r["input"]).name, r["seed"]) for r in images] == [("a.png", 3), ("b.png", 4)]
     assert "keeping the records of 1 earlier images there" in caplog.text
+    calls = []
+
+    def stop_at_the_second(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return diffsr(*args, **kwargs)
+
+    monkeypatch.setattr(upscale, "diffsr", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):  # stopped part-way: the images written keep their records
+        run_command("upscale", tiny_ckpt, inputs, out, "--seed", "5")
+    images = json.loads((out / "upscale.json").read_text())["images"]
+    assert [(Path(r["input"]).name, r["seed"]) for r in images] == [("b.png", 4), ("a.png", 5)]  # b: not
+    # made again before the stop, so its seed-4 image and record stay
+    assert not (out / "upscale.json.part").exists()
 
 
 def test_sample_warns_about_cropping_and_caps_its_sheet(tiny_ckpt, tmp_path, caplog, monkeypatch):

@@ -146,9 +146,9 @@ def check_targets(files: list[Path], scale: float | None, size: tuple[int, int] 
                 raise ValueError(f"{path}: {err}") from None
 
 
-def earlier_records(out: Path, rewritten: set[str]) -> list[dict]:
-    """Records of earlier runs into ``out`` whose images are still there and not made again now (by file
-    name), each with the settings it was made with."""
+def earlier_records(out: Path) -> list[dict]:
+    """Records of earlier runs into ``out`` whose images are still there, each with the settings it was
+    made with (an image made again replaces its record as it is written)."""
     path = out / "upscale.json"
     if not path.is_file():
         return []
@@ -161,7 +161,21 @@ def earlier_records(out: Path, rewritten: set[str]) -> list[dict]:
         raise ValueError(
             f"{path} cannot be read ({type(err).__name__}: {err}); move it away or choose another --out"
         ) from None
-    return [r for r, name in zip(records, names) if name not in rewritten and (out / name).is_file()]
+    return [r for r, name in zip(records, names) if (out / name).is_file()]
+
+
+def merged(earlier: list[dict], records: list[dict]) -> list[dict]:
+    """The earlier records whose image was not made again (by file name), then this run's."""
+    done = {Path(r["output"]).name for r in records}
+    return [r for r in earlier if Path(r["output"]).name not in done] + records
+
+
+def write_records(out: Path, settings: dict, records: list[dict]) -> None:
+    """``upscale.json``, replaced whole after each image: a run stopped part-way keeps the records of the
+    images it wrote, and a reader never sees half a file."""
+    part = out / "upscale.json.part"
+    part.write_text(json.dumps({**settings, "images": records}, indent=1))
+    part.replace(out / "upscale.json")
 
 
 def main(argv: list[str]) -> None:
@@ -177,7 +191,7 @@ def main(argv: list[str]) -> None:
     conditional = is_conditional(model)
     mode = "SR3, conditioned on the bicubic upsample" if conditional else "unconditional"
     outputs = {path: args.out / f"{path.stem}_diffsr.png" for path in files}
-    kept = earlier_records(args.out, {out.name for out in outputs.values()})
+    earlier = earlier_records(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {"checkpoint": str(args.ckpt), "model": mode, "sampler": args.sampler, "steps": args.steps}
     settings |= {"eta": args.eta, "seed": args.seed}
@@ -233,6 +247,7 @@ def main(argv: list[str]) -> None:
                 "seconds": seconds,
             }
         )
-    (args.out / "upscale.json").write_text(json.dumps({**settings, "images": kept + records}, indent=1))
-    earlier = f", keeping the records of {len(kept)} earlier images there" if kept else ""
-    log.info("wrote %d images and upscale.json to %s (model: %s)%s", len(records), args.out, mode, earlier)
+        write_records(args.out, settings, merged(earlier, records))
+    kept = len(merged(earlier, records)) - len(records)
+    kept_note = f", keeping the records of {kept} earlier images there" if kept else ""
+    log.info("wrote %d images and upscale.json to %s (model: %s)%s", len(records), args.out, mode, kept_note)
