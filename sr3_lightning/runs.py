@@ -313,11 +313,11 @@ def load_runs(sources: list[str]) -> tuple[list[Run], list[str]]:
             check_not_evaluation(Path(source))
             found = _local_runs(Path(source), left_out)
         if not found:
-            where = (
-                "W&B holds no finished runs there"
-                if source.startswith("wandb:")
-                else ("a run directory holds config.yaml and metrics.csv")
-            )
+            where = "a run directory holds config.yaml and metrics.csv"
+            if source.startswith("wandb:"):
+                where = "W&B holds no finished runs there"
+                if source.count("/") == 1:
+                    where += " (read as ENTITY/PROJECT; a sweep is wandb:ENTITY/PROJECT/SWEEP_ID)"
             raise FileNotFoundError(
                 f"no finished runs under {source} ({where})" + "".join(f"; {w}" for w in left_out[before:])
             )

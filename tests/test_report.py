@@ -385,4 +385,5 @@ def test_report_from_wandb_reads_finished_runs_and_names_the_others(tmp_path, mo
         cli_main(["report", "wandb:lab/sr3-finetune", "--out", str(tmp_path / "none")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "no finished runs under wandb:lab/sr3-finetune" in err
+    assert "(read as ENTITY/PROJECT; a sweep is wandb:ENTITY/PROJECT/SWEEP_ID)" in err  # not PROJECT/SWEEP
     assert "id-l1 (l1): failed, not finished" in err and not (tmp_path / "none").exists()
