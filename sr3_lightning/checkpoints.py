@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sr3_lightning.diffusion.schedule import BETA_SCHEDULES, BUFFER_NAMES, Schedule, make_schedule
+from sr3_lightning.diffusion.schedule import (
+    BETA_SCHEDULES,
+    BUFFER_NAMES,
+    REFERENCE_SCHEDULE,
+    Schedule,
+    make_schedule,
+)
 from sr3_lightning.models.unet import UNet, UNetConfig
 
 PREFIX = "denoise_fn."
@@ -195,7 +201,7 @@ def _schedule_from_buffers(buffers: dict[str, Tensor], spec: dict | None) -> tup
     candidates += [
         {"kind": k, "num_timesteps": len(betas), "start": start, "end": end} for k in BETA_SCHEDULES
     ]
-    candidates.append({"kind": "linear", "num_timesteps": len(betas), "start": 1e-6, "end": 1e-2})
+    candidates.append({**REFERENCE_SCHEDULE, "num_timesteps": len(betas)})
     for cand in candidates:
         try:
             sched = make_schedule(**cand)
@@ -295,7 +301,7 @@ def load_reference(
     if len(buffers) == len(BUFFER_NAMES):
         schedule, spec = _schedule_from_buffers(buffers, spec)
     else:
-        spec = spec or {"kind": "linear", "num_timesteps": 2000, "start": 1e-6, "end": 1e-2}
+        spec = spec or dict(REFERENCE_SCHEDULE)
         schedule = make_schedule(**spec)
     opt_state, step, epoch = None, 0, 0
     if opt_path is not None:

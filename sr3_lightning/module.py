@@ -28,7 +28,7 @@ from sr3_lightning.diffusion import (
     sample_noise_level,
 )
 from sr3_lightning.diffusion.losses import check_t_range, regression_loss, regression_predict
-from sr3_lightning.diffusion.schedule import BetaSchedule
+from sr3_lightning.diffusion.schedule import REFERENCE_SCHEDULE, BetaSchedule
 from sr3_lightning.fast_paths import (
     CompileMode,
     FastPaths,
@@ -72,10 +72,10 @@ class SR3Module(LightningModule):
     def __init__(
         self,
         unet: UNetConfig = UNetConfig(),
-        beta_schedule: BetaSchedule = "linear",
-        num_timesteps: int = 2000,
-        beta_start: float = 1e-6,
-        beta_end: float = 1e-2,
+        beta_schedule: BetaSchedule = REFERENCE_SCHEDULE["kind"],
+        num_timesteps: int = REFERENCE_SCHEDULE["num_timesteps"],
+        beta_start: float = REFERENCE_SCHEDULE["start"],
+        beta_end: float = REFERENCE_SCHEDULE["end"],
         loss: Literal["l1", "l2"] = "l1",
         t_min: int = 1,
         t_max: int | None = None,

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from sr3_lightning.callbacks.domain_eval import sampler_tag
+from sr3_lightning.diffusion.schedule import REFERENCE_SCHEDULE
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
         "loss": model.get("loss", "l1"),
         "limit": train.get("limit"),
         "t_min": model.get("t_min", 1),
-        "t_max": model.get("t_max") or model.get("num_timesteps", 2000),
+        "t_max": model.get("t_max") or model.get("num_timesteps", REFERENCE_SCHEDULE["num_timesteps"]),
         "max_steps": trainer.get("max_steps"),
         "optimizer": _optimizer(model),
         "init_from": model.get("init_from"),
@@ -111,8 +112,8 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
         "subset_seed": train.get("subset_seed"),
         "train_domain": train.get("domain"),
         "batch_size": data.get("batch_size"),
-        "beta_schedule": model.get("beta_schedule", "linear"),
-        "num_timesteps": model.get("num_timesteps", 2000),
+        "beta_schedule": model.get("beta_schedule", REFERENCE_SCHEDULE["kind"]),
+        "num_timesteps": model.get("num_timesteps", REFERENCE_SCHEDULE["num_timesteps"]),
         "evaluation": _evaluation(config, model.get("objective", "diffusion")),
     }
 

@@ -18,6 +18,8 @@ from torch import Tensor
 
 BetaSchedule = Literal["linear", "quad", "cosine", "warmup10", "warmup50", "const", "jsd", "sigmoid"]
 BETA_SCHEDULES: tuple[str, ...] = get_args(BetaSchedule)
+# The reference 16->128 model's schedule (make_schedule's keyword arguments): the defaults everywhere.
+REFERENCE_SCHEDULE = {"kind": "linear", "num_timesteps": 2000, "start": 1e-6, "end": 1e-2}
 
 # The reference's buffer names, in the order its checkpoints store them.
 BUFFER_NAMES = (
