@@ -2,8 +2,10 @@
 
 A table row is a setting read at a step: it comes from the runs that have that setting and evaluated that
 step, so one trajectory serves every step of it (Table 1), and runs of different sweeps fill each other's
-rows (e.g. 128 images = L1 at 2000). Replicates of a setting (runs that differ only in their seeds) are
-averaged: the row shows mean ± sample standard deviation and how many seeds it holds.
+rows (e.g. 128 images = L1 at 2000). Replicates (the same recipe with other seeds, `replicates.py`) are
+averaged: the row shows mean ± sample standard deviation and how many seeds it holds. A run with the row's
+settings but another recipe (say another init_optimizer) is not averaged in: it is named in a warning and
+listed under Other runs.
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sr3_lightning.replicates import (
+    group_labels,
+    one_per_seeds,
+    recipe_differences,
+    recipe_groups,
+    replicate_groups,
+)
 from sr3_lightning.report_plots import plot_metrics
-from sr3_lightning.runs import FIXED_KNOBS, METRICS, NAMES, SETTING_NAMES, Run, has_setting, replicate_of
+from sr3_lightning.runs import FIXED_KNOBS, METRICS, NAMES, SETTING_NAMES, Run, has_setting
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +49,30 @@ class Row:
     keys: dict[str, str]  # column id -> logged key
     values: dict[str, float] = field(default_factory=dict)  # column id -> value (the mean of replicates)
     spread: dict[str, float] = field(default_factory=dict)  # column id -> sample sd, with 2+ replicates
+    counts: dict[str, int] = field(default_factory=dict)  # column id -> how many replicates logged it
 
     @classmethod
     def read(cls, label: str, runs: list[Run], step: int, keys: dict[str, str]) -> Row:
+        """The row's cells at ``step``: each key's mean over the runs that logged it (and sd, with 2+)."""
         row = cls(label, runs, step, keys)
         for col, key in keys.items():
             found = [r.evals[step][key] for r in runs if key in r.evals[step]]
             if found:
-                row.values[col] = statistics.fmean(found)
+                row.values[col], row.counts[col] = statistics.fmean(found), len(found)
             if len(found) > 1:
                 row.spread[col] = statistics.stdev(found)
         return row
+
+    def cell(self, col: str, digits: int) -> str:
+        """A cell as the markdown shows it: the value, ± sd when averaged, and n where fewer replicates than
+        the row's logged it."""
+        value = self.values.get(col)
+        if value is None:
+            return "–"
+        text = f"{value:+.{digits}f}" if col.startswith("d_") else f"{value:.{digits}f}"
+        if col in self.spread:
+            text += f" ± {self.spread[col]:.{digits}f}"
+        return text + (f" (n={self.counts[col]})" if self.counts[col] < len(self.runs) else "")
 
 
 @dataclass
@@ -65,17 +87,32 @@ class Table:
 Found = list[tuple[str, list[Run], int]]  # (row label, the runs that have it, one per replicate; step)
 
 
-def _find(runs: list[Run], wanted: list[tuple[str, dict, int]], used: set[int]) -> Found:
-    """Each wanted row's runs: those with its settings that evaluated its step, one per set of seeds (two
-    runs with the same seeds and settings share their trajectory up to the step, so it counts once)."""
+@dataclass
+class Picks:
+    """What the study tables took (run ids), and the runs passed over for another recipe (id -> why)."""
+
+    used: set[int] = field(default_factory=set)
+    passed_over: dict[int, str] = field(default_factory=dict)
+
+
+def _find(runs: list[Run], wanted: list[tuple[str, dict, int]], picks: Picks) -> Found:
+    """Each wanted row's runs: of the recipes with its settings, the one most seeds share (ties: first),
+    one run per set of seeds that evaluated the row's step (the same seeds share a trajectory). Runs with
+    the row's settings and another recipe are passed over, each named once in a warning."""
     found = []
     for label, match, step in wanted:
-        replicates: dict[tuple, Run] = {}
-        for r in runs:
-            if step in r.evals and all(r.settings.get(k) == v for k, v in match.items()):
-                replicates.setdefault(replicate_of(r), r)
-        used.update(id(r) for r in replicates.values())
-        found.append((label, list(replicates.values()), step))
+        groups = recipe_groups([r for r in runs if all(r.settings.get(k) == v for k, v in match.items())])
+        study = max(groups, key=lambda g: len(one_per_seeds(g)), default=[])
+        at_step = [r for r in study if step in r.evals]
+        picks.used.update(id(r) for r in at_step)  # the twins of a replicate are shown by it
+        for other in (r for g in groups if g is not study for r in g if step in r.evals):
+            differ = "; ".join(recipe_differences(other.recipe, study[0].recipe))
+            picks.passed_over.setdefault(
+                id(other),
+                f"{other.source} has the settings of row '{label}' but another recipe than the row's runs "
+                f"({study[0].source}, ...), so it is not averaged into the row: {differ}",
+            )
+        found.append((label, one_per_seeds(at_step), step))
     return found
 
 
@@ -102,10 +139,13 @@ def _domain_table(title: str, found: Found, runs: list[Run]) -> Table:
     if 0 in first.evals:
         rows.append(_metric_row("Step 0 (before fine-tuning)", [first], 0, columns))
     rows += [_metric_row(label, found_runs, step, columns) for label, found_runs, step in present]
-    for run in runs:
-        if run.settings["objective"] == "regression":
-            step = max(run.evals)
-            rows.append(_metric_row(f"Regression ({run.label}, {_steps(step)})", [run], step, columns))
+    regression = replicate_groups(
+        [r for r in runs if r.settings["objective"] == "regression"], by_length=True
+    )
+    for group, name in zip(regression, group_labels(regression)):
+        step = max(group[0].evals)
+        replicates = [r for r in group if step in r.evals]
+        rows.append(_metric_row(f"Regression ({name}, {_steps(step)})", replicates, step, columns))
     return Table(title, columns, rows, [label for label, found_runs, _ in found if not found_runs])
 
 
@@ -113,10 +153,10 @@ def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
 
-def _forgetting_table(runs: list[Run], used: set[int]) -> Table:
+def _forgetting_table(runs: list[Run], picks: Picks) -> Table:
     """Table 4: each original domain at step 0 and after the listed steps, with the change since step 0."""
     title = "Table 4: forgetting on the original domains (L1, 128 images)"
-    found = _find(runs, [(f"after {s} steps", BASE, s) for s in FORGET_STEPS], used)
+    found = _find(runs, [(f"after {s} steps", BASE, s) for s in FORGET_STEPS], picks)
     present = [(step, [r for r in rs if r.original_domains]) for _, rs, step in found]
     present = [(step, rs) for step, rs in present if rs]
     if not present:
@@ -167,7 +207,7 @@ def study_runs(runs: list[Run], setup: dict[str, str]) -> list[Run]:
 
 def build_tables(runs: list[Run]) -> list[Table]:
     """Tables 1-4 of the study (the rows found in the runs), then every other run at its listed steps."""
-    used: set[int] = set()
+    picks = Picks()
     runs = sorted(runs, key=lambda r: r.source)
     if not runs:
         return []
@@ -181,38 +221,40 @@ def build_tables(runs: list[Run]) -> list[Table]:
     t3 = [(f"t in [{a}, {b}]", BASE | {"t_min": a, "t_max": b}, 2000) for a, b in T_RANGES]
     tables = [
         _domain_table(
-            "Table 1: fine-tuning steps and loss (128 images, t in [1, 2000])", _find(study, t1, used), study
+            "Table 1: fine-tuning steps and loss (128 images, t in [1, 2000])", _find(study, t1, picks), study
         ),
-        _domain_table("Table 2: training images (L1, 2000 steps)", _find(study, t2, used), study),
-        _domain_table("Table 3: timestep range (L1, 128 images, 2000 steps)", _find(study, t3, used), study),
-        _forgetting_table(study, used),
+        _domain_table("Table 2: training images (L1, 2000 steps)", _find(study, t2, picks), study),
+        _domain_table("Table 3: timestep range (L1, 128 images, 2000 steps)", _find(study, t3, picks), study),
+        _forgetting_table(study, picks),
     ]
+    for run_id, why in picks.passed_over.items():
+        log.warning("%s%s", why, "" if run_id in picks.used else "; it is listed under Other runs")
     in_study = {id(r) for r in study}
     others = [
         r
         for r in runs
-        if id(r) not in used and (r.settings["objective"] != "regression" or id(r) not in in_study)
-    ]
-    found = [
-        (f"{r.label}, {_steps(s)}", [r] if s in r.evals else [], s)
-        for r in others
-        for s in r.listed_steps or sorted(r.evals)[1:]
+        if id(r) not in picks.used and (r.settings["objective"] != "regression" or id(r) not in in_study)
     ]
     regression_shown = any(t.rows for t in tables[:3])  # else the study's regression rows go here
     tables.append(
-        _domain_table("Other runs, each at its listed steps", found, [] if regression_shown else study)
+        _domain_table(
+            "Other runs, each at its listed steps", _other_rows(others), [] if regression_shown else study
+        )
     )
     return [t for t in tables if t.rows]
 
 
+def _other_rows(runs: list[Run]) -> Found:
+    """The runs no study row took, replicates averaged, each group at the steps its runs were asked for."""
+    groups = replicate_groups(runs, by_length=True)
+    found = []
+    for group, name in zip(groups, group_labels(groups)):
+        steps = sorted({s for r in group for s in r.listed_steps or sorted(r.evals)[1:]})
+        found += [(f"{name}, {_steps(s)}", [r for r in group if s in r.evals], s) for s in steps]
+    return found
+
+
 # ------------------------------------------------------------------------------------------------- output
-def _fmt(value: float | None, digits: int, signed: bool = False, sd: float | None = None) -> str:
-    if value is None:
-        return "–"
-    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-    return text if sd is None else f"{text} ± {sd:.{digits}f}"
-
-
 def row_label(row: Row) -> str:
     """A row's label as shown, with how many seeds an averaged row holds."""
     return f"{row.label} ({len(row.runs)} seeds)" if len(row.runs) > 1 else row.label
@@ -222,18 +264,14 @@ def table_markdown(table: Table) -> str:
     head = "| Setting | " + " | ".join(h for _, h, _ in table.columns) + " |"
     rule = "|---|" + "---:|" * len(table.columns)
     body = [
-        f"| {row_label(row)} | "
-        + " | ".join(
-            _fmt(row.values.get(c), d, signed=c.startswith("d_"), sd=row.spread.get(c))
-            for c, _, d in table.columns
-        )
-        + " |"
+        f"| {row_label(row)} | " + " | ".join(row.cell(c, d) for c, _, d in table.columns) + " |"
         for row in table.rows
     ]
     text = "\n".join([f"### {table.title}", "", head, rule, *body])
     if any(row.spread for row in table.rows):
-        text += "\n\nmean ± sample standard deviation over the seeds (`seed_everything`, `model.seed`, "
-        text += "`data.seed`, `subset_seed`)."
+        text += "\n\nmean ± sample standard deviation over the seeds (`model.seed`, `data.seed`, "
+        text += "`subset_seed`, and `seed_everything` for runs trained from scratch); (n=k): only k of them "
+        text += "logged that value."
     if table.missing:
         text += "\n\nNot in these runs: " + ", ".join(table.missing) + "."
     return text

@@ -11,7 +11,7 @@ import csv
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import yaml
 
 from sr3_lightning.callbacks.domain_eval import sampler_tag
 from sr3_lightning.diffusion.schedule import REFERENCE_SCHEDULE
+from sr3_lightning.replicates import recipe_of, seeds_of
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,19 @@ FIXED_KNOBS = (
     "num_timesteps",
     "evaluation",
 )
-SETTING_NAMES = {"loss": "loss", "limit": "images", "t_min": "t_min", "t_max": "t_max"}  # run labels
-SETTING_NAMES |= {k: k for k in FIXED_KNOBS} | {"evaluation": "DomainEval sampler"}
-# Seeds: runs of one setting that differ only in these are replicates, which the report averages.
-REPLICATE_KNOBS = ("seed_everything", "model_seed", "data_seed", "subset_seed")
-SETTING_NAMES |= {"seed_everything": "seed_everything", "model_seed": "model.seed", "data_seed": "data.seed"}
-SETTING_NAMES |= {"subset_seed": "subset_seed"}
+# Seeds, named in run labels where they vary; runs that differ only in them are replicates (replicates.py).
+SEED_NAMES = {
+    "seed_everything": "seed_everything",
+    "model_seed": "model.seed",
+    "data_seed": "data.seed",
+    "subset_seed": "subset_seed",
+}
+SETTING_NAMES = {  # run labels
+    **{"loss": "loss", "limit": "images", "t_min": "t_min", "t_max": "t_max"},
+    **{k: k for k in FIXED_KNOBS},
+    "evaluation": "DomainEval sampler",
+    **SEED_NAMES,
+}
 
 
 @dataclass
@@ -60,6 +68,10 @@ class Run:
     seconds: float | None = None
     label: str = ""  # the settings that vary between the reported runs (`_label`)
     setting_label: str = ""  # the same without the seeds: what its replicates share
+    recipe: dict[str, str] = field(
+        default_factory=dict
+    )  # its config but seeds and bookkeeping (replicates.py)
+    seeds: tuple = ()  # what tells its replicates apart (`replicates.seeds_of`)
     has_domain_eval: bool = True  # its config lists the DomainEval callback
     log_name: str = "metrics.csv"  # where its metrics were read, for messages
     val_order: tuple[str, ...] = ()  # its config's val domains, in order: the tables' column order
@@ -118,15 +130,6 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def replicate_of(run: Run) -> tuple:
-    """What tells a run's replicates apart: its seeds (weights not taken from ``init_from``; t, noise and
-    dropout; pass order; the subset). An unseeded run (``seed_everything: false``) is a replicate of its
-    own: no other run is known to share its trajectory."""
-    if run.settings["seed_everything"] is None or isinstance(run.settings["seed_everything"], bool):
-        return (run.source,)
-    return tuple(run.settings[k] for k in REPLICATE_KNOBS)
-
-
 def has_setting(run: Run, knob: str) -> bool:
     """Whether the run has this knob at all: a regression run has no DomainEval sampler to differ in."""
     return not (knob == "evaluation" and run.settings[knob] is None)
@@ -176,16 +179,19 @@ def make_run(
     name: str, source: str, config: dict, rows: Iterable[dict], step_key: str, seconds=None, log_name=""
 ) -> Run:
     eval_args = domain_eval_args(config)
+    settings = settings_of(config)
     return Run(
         name=name,
         source=source,
-        settings=settings_of(config),
+        settings=settings,
         listed_steps=listed_steps(config),
         original_domains=list((eval_args or {}).get("original_domains") or []),
         evals=metrics_by_step(rows, step_key),
         seconds=seconds,
         has_domain_eval=eval_args is not None,
         log_name=log_name or "metrics.csv",
+        recipe=recipe_of(config, settings["evaluation"]),
+        seeds=seeds_of(config),
         val_order=tuple(
             v.get("domain") for v in (config.get("data") or {}).get("val") or [] if isinstance(v, dict)
         ),
@@ -357,7 +363,7 @@ def _label(runs: list[Run]) -> None:
             for k in varying
             if has_setting(r, k)
         }
-        r.setting_label = ", ".join(v for k, v in shown.items() if k not in REPLICATE_KNOBS)
+        r.setting_label = ", ".join(v for k, v in shown.items() if k not in SEED_NAMES)
         r.label = ", ".join(shown.values()) or r.name
     labels = [(r.label, r.settings["objective"]) for r in runs]
     names = [r.name for r in runs]  # a grid point of two sweeps has the same run id in both

@@ -17,6 +17,7 @@ import yaml
 
 from sr3_lightning import report, report_plots
 from sr3_lightning.cli import cli_main
+from sr3_lightning.replicates import replicate_groups, seeds_of
 from sr3_lightning.runs import load_runs
 
 DOMAINS = ("anime", "ffhq", "celebahq")
@@ -220,36 +221,69 @@ def test_columns_follow_the_configs_val_domains_and_equal_run_ids_are_told_apart
     assert "`loss=l1 (a/l1-2000-abc)`" in text and "`loss=l1 (c/l1-2000-abc)`" in text
 
 
-def test_seed_replicates_of_a_row_are_averaged_and_each_counts_once(study_runs, tmp_path):
-    data = study_runs / "data"
-    write_run(data, "limit8-seed1", limit=8, model_seed=1)  # other t, noise and dropout draws
-    write_run(data, "limit8-subset3", limit=8, subset_seed=3)  # another draw of the 8 images
-    write_run(study_runs / "data_again", "limit8", limit=8)  # the seeds of data/limit8: its trajectory
-    write_run(data, "limit8-unseeded", limit=8, seed=False)  # seed_everything: false: a draw of its own
+def test_seed_replicates_of_a_recipe_are_averaged_and_each_counts_once(tmp_path, caplog):
+    root, tuned = tmp_path / "runs", {"init_from": "checkpoints/I640000_E37"}  # fine-tuned, as the study
+    write_run(root / "steps", "l1", max_steps=4000, at_steps=(400, 2000, 4000), model=tuned)
+    write_run(root / "draws", "subset3", subset_seed=3, model=tuned)  # another draw of the 128 images
+    write_run(root / "draws", "seed1", model_seed=1, model=tuned)  # other t, noise and dropout draws
+    write_run(root / "again", "l1", max_steps=4000, at_steps=(400, 2000, 4000), model=tuned)  # same seeds:
+    write_run(root / "lightning", "seed_everything1", seed=1, model=tuned)  # the same trajectory (init_from)
+    other = write_run(root / "draws", "fresh-adam", model_seed=2, model=tuned | {"init_optimizer": False})
     out = tmp_path / "report"
-    cli_main(["report", str(study_runs), "--out", str(out)])
+    cli_main(["report", str(root), "--out", str(out)])
     with (out / "report.csv").open() as f:
-        lines = [r for r in csv.DictReader(f) if r["row"] == "8 images" and r["key"] == "val/anime/psnr"]
-    names = ("limit8", "limit8-seed1", "limit8-subset3", "limit8-unseeded")
+        rows = [r for r in csv.DictReader(f) if r["key"] == "val/anime/psnr"]
+    lines = [r for r in rows if r["row"] == "L1, 2000 steps" and r["table"].startswith("Table 1")]
+    names = ("l1", "seed1", "subset3")  # by source: again/l1 stands for steps/l1 and lightning/
     replicates = [value(n, 2000, "anime", "psnr") for n in names]
-    assert [(Path(r["run"]).name, r["stat"]) for r in lines[:4]] == [(n, "replicate") for n in names]
-    assert [float(r["value"]) for r in lines[:4]] == replicates
-    assert Path(lines[0]["run"]).parent.name == "data"  # the first of the two equal trajectories
+    assert [(Path(r["run"]).name, r["stat"]) for r in lines[:3]] == [(n, "replicate") for n in names]
+    assert [float(r["value"]) for r in lines[:3]] == replicates
     mean, sd = statistics.fmean(replicates), statistics.stdev(replicates)
-    assert [(r["stat"], float(r["value"])) for r in lines[4:]] == [("mean", mean), ("sd", sd)]
+    assert [(r["stat"], float(r["value"])) for r in lines[3:]] == [("mean", mean), ("sd", sd)]
     text = (out / "report.md").read_text()
-    assert md_row(text, "8 images (4 seeds)")[0] == f"{mean:.2f} ± {sd:.2f}"
+    other_label = "seed_everything=0, model.seed=2, subset_seed=None"
+    assert md_row(text, "L1, 2000 steps (3 seeds)")[0] == f"{mean:.2f} ± {sd:.2f}"
+    assert md_row(text, "L1, 4000 steps")[0] == f"{value('l1', 4000, 'anime', 'psnr'):.2f}"  # one run: no ±
     assert "mean ± sample standard deviation over the seeds" in text
-    assert md_row(text, "128 images")[0] == f"{value('l1', 2000, 'anime', 'psnr'):.2f}"  # one run: no ±
-    assert "data_again" not in {Path(r["run"]).parent.name for r in lines}
-    named = "`loss=l1, images=8, t_max=2000, seed_everything=0, model.seed=1, subset_seed=None`: "
-    assert named in text  # the seeds that vary between the runs are named
-    # The plots draw the replicates as one line: their mean, with a band of one sd.
-    groups = report_plots.replicate_groups(load_runs([str(study_runs)])[0])
-    (eight,) = [g for g in groups if g[0].settings["limit"] == 8]
-    assert sorted(r.name for r in eight) == sorted(names)
-    steps, means, sds = report_plots.trajectory(eight, "val/anime/psnr")
-    assert steps[-1] == 2000 and (means[-1], sds[-1]) == pytest.approx((mean, sd))
+    # Another recipe with the row's settings is not averaged in: named, with what differs, and listed.
+    chosen = root / "again" / "l1"
+    assert (
+        f"{other} has the settings of row 'L1, 400 steps' but another recipe than the row's runs ({chosen}, "
+        "...), so it is not averaged into the row: model.init_optimizer: false / (unset)" in caplog.text
+    )
+    assert caplog.text.count(f"{other} has the settings") == 1  # named once, not at every row
+    others = {r["row"] for r in rows if r["table"].startswith("Other")} - {
+        "Bicubic",
+        "Step 0 (before fine-tuning)",
+    }
+    assert others == {
+        f"{other_label}, {s} steps" for s in (400, 1200, 1600, 2000)
+    }  # twins of used runs: shown
+    assert md_row(text, "L1, 1200 steps (3 seeds)")  # by a replicate; 1200 from the runs that evaluated it
+    # The plots and Other runs group the same way: one line per recipe and length, replicates as mean ± sd.
+    runs = load_runs([str(root)])[0]
+    groups = replicate_groups(runs, by_length=True)
+    assert sorted(sorted(r.name for r in g) for g in groups) == [
+        ["fresh-adam"],
+        ["l1"],  # again/l1 stands for its twin steps/l1
+        ["seed1", "seed_everything1", "subset3"],  # 2000 steps; seed_everything1 has again/l1's seeds
+    ]
+    (short,) = [g for g in groups if len(g) == 3]
+    steps, means, sds = report_plots.trajectory(short, "val/anime/psnr")
+    expected = [value(r.name, 2000, "anime", "psnr") for r in short]
+    assert steps[-1] == 2000 and (means[-1], sds[-1]) == pytest.approx(
+        (statistics.fmean(expected), statistics.stdev(expected))
+    )
+
+
+def test_seeds_tell_replicates_apart_and_seed_everything_counts_only_from_scratch():
+    tuned = {"model": {"init_from": "x", "seed": 3}, "data": {"seed": 1, "train": {"subset_seed": 2}}}
+    assert (
+        seeds_of(tuned | {"seed_everything": 7}) == seeds_of(tuned | {"seed_everything": False}) == (3, 1, 2)
+    )
+    scratch = {"model": {"seed": 3}}
+    assert seeds_of(scratch | {"seed_everything": 7}) == (3, 0, None, 7)  # its initial weights
+    assert seeds_of(scratch | {"seed_everything": False})[-1] is None  # weights of its own: never merged
 
 
 def test_a_sweeps_failed_and_vanished_runs_are_named_in_the_report(tmp_path):
