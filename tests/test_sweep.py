@@ -19,7 +19,7 @@ import yaml
 from sr3_lightning import report
 from sr3_lightning.cli import cli_main
 from sr3_lightning.module import SR3Module
-from sr3_lightning.sweep.local import RECORDS, build_command, read_records, run_local
+from sr3_lightning.sweep.local import RECORDS, build_command, grid_extension, read_records, run_local
 from sr3_lightning.sweep.spec import Sweep, check_parameters, load_sweep, sweep_engine
 from sr3_lightning.sweep.wandb_agents import Agent, agent_processes, run_agents
 from sr3_lightning.wandb_offline import read_history
@@ -288,6 +288,18 @@ def test_local_backend_records_failures_retries_them_on_relaunch_and_needs_count
     assert yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) == wider  # only the new point ran (and
     with pytest.raises(ValueError, match="different sweep"):  # the failed one retried); a removed value:
         run_local(Sweep(tmp_path / "s.yaml", config, []), sweep_dir)
+    as_bool = {**config, "parameters": {"model.loss": {"values": ["l1", "l2", "l3", True]}}}
+    assert grid_extension(wider, as_bool) == ["model.loss += [true]"]  # compared as the flags read them:
+    assert (
+        grid_extension(
+            {"method": "grid", "parameters": {"a": {"values": [1]}}},
+            {"method": "grid", "parameters": {"a": {"values": [True]}}},
+        )
+        is None
+    )
+    one = {**config, "parameters": {"model.loss": {"value": "l1"}, "n": {"parameters": {"x": {"value": 1}}}}}
+    two = {**one, "parameters": {**one["parameters"], "model.loss": {"values": ["l1", "l2"]}}}
+    assert grid_extension(one, two) == ['model.loss += ["l2"]']  # a fixed value becomes a list
     random_sweep = Sweep(tmp_path / "s.yaml", {**config, "method": "random"}, [])
     with pytest.raises(ValueError, match="--count"):
         run_local(random_sweep, tmp_path / "random")

@@ -103,7 +103,7 @@ def _claim(sweep_dir: Path, sweep: Sweep) -> None:
     copy = sweep_dir / "sweep.yaml"
     if copy.is_file():
         before = yaml.safe_load(copy.read_text())
-        if before == sweep.config:
+        if _canonical(before) == _canonical(sweep.config):
             return
         added = grid_extension(before, sweep.config)
         if added is None:
@@ -113,31 +113,45 @@ def _claim(sweep_dir: Path, sweep: Sweep) -> None:
                 f"directories together (python -m sr3_lightning report {sweep_dir} {sweep_dir}_2 --out ...), "
                 "or delete it"
             )
-        log.warning("extending the grid of %s: %s; its finished runs are kept", sweep_dir, "; ".join(added))
+        if added:
+            log.warning(
+                "extending the grid of %s: %s; its finished runs are kept", sweep_dir, "; ".join(added)
+            )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     copy.write_text(yaml.safe_dump(sweep.config, sort_keys=False))
+
+
+def _canonical(value: Any) -> str:
+    """A sweep config as JSON: ``1``, ``1.0`` and ``true`` are three values here, as in the runs' flags."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _values(spec: Any) -> list[str] | None:
+    """A grid parameter's values (canonical), for ``values: [...]`` and ``value: x``; None for others."""
+    if isinstance(spec, dict) and set(spec) == {"values"} and isinstance(spec["values"], list):
+        return [_canonical(v) for v in spec["values"]]
+    if isinstance(spec, dict) and set(spec) == {"value"}:
+        return [_canonical(spec["value"])]
+    return None
 
 
 def grid_extension(before: dict[str, Any], after: dict[str, Any]) -> list[str] | None:
     """What ``after`` adds to the grid ``before`` (``PARAM += [values]`` each), when adding values to its
     parameters is all that changed; None otherwise. Run ids come from the parameters, so the runs already
     finished keep their directories and only the new points run."""
-    rest = [{k: v for k, v in c.items() if k != "parameters"} for c in (before, after)]
+    rest = [_canonical({k: v for k, v in c.items() if k != "parameters"}) for c in (before, after)]
     params = [c.get("parameters") or {} for c in (before, after)]
     if before.get("method") != "grid" or rest[0] != rest[1] or set(params[0]) != set(params[1]):
         return None
     added = []
-    for name, old in params[0].items():
-        new = params[1][name]
-        if new == old:
+    for name, spec in params[0].items():
+        if _canonical(spec) == _canonical(params[1][name]):
             continue
-        if (
-            set(old) != {"values"}
-            or set(new) != {"values"}
-            or any(v not in new["values"] for v in old["values"])
-        ):
+        old, new = _values(spec), _values(params[1][name])
+        if old is None or new is None or not set(old) <= set(new):
             return None
-        added.append(f"{name} += {[v for v in new['values'] if v not in old['values']]}")
+        if set(new) - set(old):
+            added.append(f"{name} += [{', '.join(v for v in new if v not in old)}]")
     return added
 
 
