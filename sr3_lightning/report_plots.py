@@ -59,7 +59,9 @@ def _draw(ax: Any, groups: list[list[Run]], names: list[str], key: str) -> None:
             ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
 
 
-def _figure(runs: list[Run], groups: list[list[Run]], kind: str, domain: str, path: Path) -> bool:
+def _figure(
+    runs: list[Run], groups: list[list[Run]], names: list[str], kind: str, domain: str, path: Path
+) -> bool:
     """One figure: a panel per metric logged for the domain (``kind`` metrics or forgetting deltas)."""
     import matplotlib.pyplot as plt
 
@@ -71,7 +73,7 @@ def _figure(runs: list[Run], groups: list[list[Run]], kind: str, domain: str, pa
         return False
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        _draw(ax, groups, group_labels(groups), f"{prefix}/{domain}/{metric}")
+        _draw(ax, groups, names, f"{prefix}/{domain}/{metric}")
         bicubic_key = f"val/{domain}/bicubic_{metric}"
         bicubic = [e[bicubic_key] for r in runs for e in r.evals.values() if bicubic_key in e]
         if kind == "metrics" and bicubic:
@@ -95,12 +97,13 @@ def plot_metrics(runs: list[Run], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     groups = replicate_groups(runs, by_length=True)
+    names = group_labels(groups)
     domains = list(dict.fromkeys(d for r in runs for d in r.domains))
     originals = list(dict.fromkeys(d for r in runs for d in r.original_domains))
     paths = []
     for kind, names in (("metrics", domains), ("forgetting", originals)):
         for domain in names:
             path = out / f"{kind}_{domain}.png"
-            if _figure(runs, groups, kind, domain, path):
+            if _figure(runs, groups, names, kind, domain, path):
                 paths.append(path)
     return paths

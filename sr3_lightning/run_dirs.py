@@ -24,6 +24,21 @@ def evaluation_dir(run_dir: Path, subcommand: str | None, callbacks: list, objec
     return run_dir / subcommand
 
 
+EVALUATION_DIRS = ("validate", "test")  # RUN/validate, RUN/test: evaluations of RUN's checkpoints
+
+
+def check_not_evaluation(path: Path) -> None:
+    """A ``validate`` or ``test`` directory measures one checkpoint of a training run; read as a run, its
+    config would pass for a training run that stopped at that checkpoint."""
+    path = path.resolve()
+    for evaluation in (path, path.parent):  # RUN/validate, RUN/test, RUN/test/SETTINGS
+        if evaluation.name in EVALUATION_DIRS and (evaluation.parent / "config.yaml").is_file():
+            raise ValueError(
+                f"{path} holds `{evaluation.name}` measurements of the checkpoints of {evaluation.parent} "
+                f"(in the metrics.csv files under it), not a training run: report {evaluation.parent}"
+            )
+
+
 def run_dir_of(trainer_cfg: Any) -> Path:
     """The run directory a trainer config names (``trainer.default_root_dir``)."""
     return Path(trainer_cfg.get("default_root_dir") or "runs/default")

@@ -20,6 +20,7 @@ import yaml
 from sr3_lightning.callbacks.domain_eval import sampler_tag
 from sr3_lightning.diffusion.schedule import REFERENCE_SCHEDULE
 from sr3_lightning.replicates import recipe_of, seeds_of
+from sr3_lightning.run_dirs import EVALUATION_DIRS, check_not_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,8 @@ class Run:
     seconds: float | None = None
     label: str = ""  # the settings that vary between the reported runs (`_label`)
     setting_label: str = ""  # the same without the seeds: what its replicates share
-    recipe: dict[str, str] = field(
-        default_factory=dict
-    )  # its config but seeds and bookkeeping (replicates.py)
+    # its config without seeds and bookkeeping (replicates.py)
+    recipe: dict[str, str] = field(default_factory=dict)
     seeds: tuple = ()  # what tells its replicates apart (`replicates.seeds_of`)
     has_domain_eval: bool = True  # its config lists the DomainEval callback
     log_name: str = "metrics.csv"  # where its metrics were read, for messages
@@ -218,21 +218,6 @@ def read_run_dir(run_dir: Path, seconds: float | None = None) -> Run:
     else:
         log_name = "run directory (it has no metrics.csv)"
     return make_run(run_dir.name, str(run_dir), config, rows, "step", seconds, log_name)
-
-
-EVALUATION_DIRS = ("validate", "test")  # RUN/validate, RUN/test: evaluations of RUN's checkpoints
-
-
-def check_not_evaluation(path: Path) -> None:
-    """A ``validate`` or ``test`` directory measures one checkpoint of a training run; read as a run, its
-    config would pass for a training run that stopped at that checkpoint."""
-    path = path.resolve()
-    for evaluation in (path, path.parent):  # RUN/validate, RUN/test, RUN/test/SETTINGS
-        if evaluation.name in EVALUATION_DIRS and (evaluation.parent / "config.yaml").is_file():
-            raise ValueError(
-                f"{path} holds `{evaluation.name}` measurements of the checkpoints of {evaluation.parent} "
-                f"(in the metrics.csv files under it), not a training run: report {evaluation.parent}"
-            )
 
 
 def _local_runs(path: Path, left_out: list[str], depth: int = 0) -> list[Run]:
